@@ -1,0 +1,562 @@
+//! Delivery: workers per lane drain the outbox to Batch. Each step claims a set of users (claim
+//! committed first), plans their operations, waits for the lane's rate budget, sends, retries what
+//! is worth retrying until the deadline, splits refused calls to isolate bad operations, and
+//! settles the answer in the database.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde_json::{Map, Value};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::batch::client::{BatchClient, Outcome, PartialError};
+use crate::batch::limits::MAX_ATTRIBUTES_PER_OPERATION;
+use crate::batch::operation::Operation;
+use crate::batch::retry::Backoff;
+use crate::config::DeliverySettings;
+use crate::outbox::{self, Claim, ClaimedChange, Lane};
+
+/// A stop request shared by workers: checked between steps and able to cut a backoff short.
+#[derive(Default)]
+pub struct StopSignal {
+    stopped: AtomicBool,
+    notify: Notify,
+}
+
+impl StopSignal {
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Sleeps for `duration` unless a stop comes first; returns false when stopped.
+    pub async fn sleep(&self, duration: Duration) -> bool {
+        let notified = self.notify.notified();
+        if self.is_stopped() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => !self.is_stopped(),
+            _ = notified => false,
+        }
+    }
+}
+
+/// Counters of what delivery did, shared by all workers.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    pub requests: AtomicU64,
+    pub operations: AtomicU64,
+    pub acknowledged: AtomicU64,
+    pub rejected: AtomicU64,
+    pub retries: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub split_calls: AtomicU64,
+    pub bulk_operations: AtomicU64,
+}
+
+/// A copy of [`DeliveryStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeliveryTotals {
+    pub requests: u64,
+    pub operations: u64,
+    pub acknowledged: u64,
+    pub rejected: u64,
+    pub retries: u64,
+    pub rate_limited: u64,
+    pub split_calls: u64,
+    pub bulk_operations: u64,
+}
+
+impl DeliveryStats {
+    pub fn totals(&self) -> DeliveryTotals {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        DeliveryTotals {
+            requests: get(&self.requests),
+            operations: get(&self.operations),
+            acknowledged: get(&self.acknowledged),
+            rejected: get(&self.rejected),
+            retries: get(&self.retries),
+            rate_limited: get(&self.rate_limited),
+            split_calls: get(&self.split_calls),
+            bulk_operations: get(&self.bulk_operations),
+        }
+    }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// Nothing is left in the outbox for the drained definitions.
+    Complete,
+    /// The deadline passed (or a stop came) with changes still pending; they stay for next time.
+    Incomplete {
+        pending: i64,
+        last_error: Option<String>,
+    },
+    /// Batch refused the keys or the address; nothing more can succeed until an operator acts.
+    Fatal { reason: String },
+}
+
+/// A profile-count rate budget (Batch counts profiles, not requests).
+pub struct ProfileLimiter {
+    limiter: DefaultDirectRateLimiter,
+    burst: u32,
+}
+
+impl ProfileLimiter {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let per_second = NonZeroU32::new(per_second.max(1)).expect("at least 1");
+        let burst = NonZeroU32::new(burst.max(1)).expect("at least 1");
+        Self {
+            limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            burst: burst.get(),
+        }
+    }
+
+    /// Waits until `profiles` updates fit the budget; more than one burst is taken in pieces.
+    pub async fn acquire(&self, profiles: usize) {
+        let mut left = profiles as u64;
+        while left > 0 {
+            let take = left.min(self.burst as u64) as u32;
+            let take = NonZeroU32::new(take).expect("positive");
+            // Cannot fail: `take` never exceeds the burst.
+            let _ = self.limiter.until_n_ready(take).await;
+            left -= take.get() as u64;
+        }
+    }
+}
+
+/// One operation and the outbox rows it carries (indices into the claim's changes).
+#[derive(Debug, Clone)]
+pub struct PlannedOperation {
+    pub operation: Operation,
+    pub changes: Vec<usize>,
+}
+
+/// Groups claimed changes by user into operations of at most 50 attributes each.
+pub fn plan_operations(changes: &[ClaimedChange]) -> Vec<PlannedOperation> {
+    let mut by_user: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (index, change) in changes.iter().enumerate() {
+        by_user.entry(&change.custom_id).or_default().push(index);
+    }
+    let mut planned = Vec::with_capacity(by_user.len());
+    for (custom_id, indices) in by_user {
+        for part in indices.chunks(MAX_ATTRIBUTES_PER_OPERATION) {
+            let mut operation = Operation::for_custom_id(custom_id);
+            operation.attributes = part
+                .iter()
+                .map(|&index| {
+                    (
+                        changes[index].attribute.clone(),
+                        changes[index].value.clone(),
+                    )
+                })
+                .collect::<Map<String, Value>>();
+            planned.push(PlannedOperation {
+                operation,
+                changes: part.to_vec(),
+            });
+        }
+    }
+    planned
+}
+
+/// Drains the outbox through both lanes with a shared client and per-lane budgets.
+pub struct Deliverer {
+    pool: PgPool,
+    client: Arc<BatchClient>,
+    settings: DeliverySettings,
+    incremental_limiter: ProfileLimiter,
+    bulk_limiter: ProfileLimiter,
+    pub stats: DeliveryStats,
+    pub stop: StopSignal,
+    fatal: Mutex<Option<String>>,
+    last_error: Mutex<Option<String>>,
+}
+
+enum StepEnd {
+    Done,
+    Stop,
+}
+
+impl Deliverer {
+    pub fn new(pool: PgPool, client: Arc<BatchClient>, settings: DeliverySettings) -> Self {
+        Self {
+            incremental_limiter: ProfileLimiter::new(settings.rate_per_second, settings.burst),
+            // Batch allows no burst on mass-update: one second's worth is the most at once.
+            bulk_limiter: ProfileLimiter::new(
+                settings.bulk_rate_per_second,
+                settings.bulk_rate_per_second,
+            ),
+            pool,
+            client,
+            settings,
+            stats: DeliveryStats::default(),
+            stop: StopSignal::default(),
+            fatal: Mutex::new(None),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    fn limiter(&self, lane: Lane) -> &ProfileLimiter {
+        match lane {
+            Lane::Incremental => &self.incremental_limiter,
+            Lane::Bulk => &self.bulk_limiter,
+        }
+    }
+
+    /// Delivers pending changes of the given definitions (all when `None`) until none is left,
+    /// the deadline passes, or Batch refuses the credentials.
+    pub async fn drain(
+        self: &Arc<Self>,
+        only: Option<Vec<String>>,
+        deadline: Instant,
+    ) -> anyhow::Result<DrainEnd> {
+        let only = only.map(Arc::new);
+        let mut workers = tokio::task::JoinSet::new();
+        for lane in Lane::ALL {
+            for _ in 0..self.settings.workers {
+                let this = Arc::clone(self);
+                let only = only.clone();
+                workers.spawn(async move {
+                    this.work_lane(lane, only.as_deref().map(Vec::as_slice), deadline)
+                        .await
+                });
+            }
+        }
+        let mut first_error = None;
+        while let Some(joined) = workers.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    self.stop.stop();
+                    first_error.get_or_insert(error);
+                }
+                Err(join_error) => {
+                    self.stop.stop();
+                    first_error
+                        .get_or_insert(anyhow::anyhow!("a delivery worker failed: {join_error}"));
+                }
+            }
+        }
+        if let Some(error) = first_error {
+            return Err(error);
+        }
+        if let Some(reason) = self.fatal.lock().expect("not poisoned").clone() {
+            return Ok(DrainEnd::Fatal { reason });
+        }
+        let pending = outbox::pending(&self.pool, only.as_deref().map(Vec::as_slice)).await?;
+        Ok(if pending == 0 {
+            DrainEnd::Complete
+        } else {
+            DrainEnd::Incomplete {
+                pending,
+                last_error: self.last_error.lock().expect("not poisoned").clone(),
+            }
+        })
+    }
+
+    async fn work_lane(
+        &self,
+        lane: Lane,
+        only: Option<&[String]>,
+        deadline: Instant,
+    ) -> anyhow::Result<()> {
+        // While other workers (or a dead process whose lease has not expired) hold the last rows,
+        // wait for them rather than declaring the lane done.
+        let idle_wait = Duration::from_millis(200).min(self.settings.claim_lease);
+        while !self.stop.is_stopped() && Instant::now() < deadline {
+            let claim = outbox::claim(
+                &self.pool,
+                lane,
+                lane.max_operations(),
+                only,
+                self.settings.claim_lease,
+            )
+            .await?;
+            if claim.changes.is_empty() {
+                if outbox::pending_in_lane(&self.pool, lane, only).await? == 0 {
+                    return Ok(());
+                }
+                self.stop.sleep(idle_wait).await;
+                continue;
+            }
+            let end = self.deliver_claim(lane, &claim, deadline).await;
+            // Whatever this claim did not settle goes back at once, not after the lease.
+            outbox::release_claim(&self.pool, &claim.token, None).await?;
+            if let StepEnd::Stop = end? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver_claim(
+        &self,
+        lane: Lane,
+        claim: &Claim,
+        deadline: Instant,
+    ) -> anyhow::Result<StepEnd> {
+        let planned = plan_operations(&claim.changes);
+        let mut stack: Vec<Vec<PlannedOperation>> = planned
+            .chunks(lane.max_operations())
+            .rev()
+            .map(<[PlannedOperation]>::to_vec)
+            .collect();
+        let backoff = Backoff {
+            base: self.settings.retry_base,
+            cap: self.settings.retry_cap,
+        };
+        while let Some(part) = stack.pop() {
+            let operations: Vec<Operation> = part
+                .iter()
+                .map(|planned| planned.operation.clone())
+                .collect();
+            let mut attempt: u32 = 0;
+            loop {
+                if self.stop.is_stopped() || Instant::now() >= deadline {
+                    return Ok(StepEnd::Stop);
+                }
+                self.limiter(lane).acquire(operations.len()).await;
+                let outcome = self.client.send(lane.endpoint(), &operations).await;
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                match outcome {
+                    Outcome::Accepted { partial_errors } => {
+                        self.stats
+                            .operations
+                            .fetch_add(operations.len() as u64, Ordering::Relaxed);
+                        if lane == Lane::Bulk {
+                            self.stats
+                                .bulk_operations
+                                .fetch_add(operations.len() as u64, Ordering::Relaxed);
+                        }
+                        self.settle_accepted(claim, &part, &partial_errors).await?;
+                        break;
+                    }
+                    Outcome::Refused { reason, .. } if part.len() > 1 => {
+                        // Halve until the refused operations stand alone; the rest goes through.
+                        debug!(operations = part.len(), %reason, "Splitting a refused call.");
+                        self.stats.split_calls.fetch_add(1, Ordering::Relaxed);
+                        let (left, right) = part.split_at(part.len() / 2);
+                        stack.push(right.to_vec());
+                        stack.push(left.to_vec());
+                        break;
+                    }
+                    Outcome::Refused { reason, .. } => {
+                        let rejected: Vec<(&ClaimedChange, String)> = part[0]
+                            .changes
+                            .iter()
+                            .map(|&index| (&claim.changes[index], reason.clone()))
+                            .collect();
+                        warn!(
+                            custom_id = %part[0].operation.identifiers.custom_id,
+                            %reason,
+                            "Batch refused an operation; recorded in rejections."
+                        );
+                        self.stats
+                            .rejected
+                            .fetch_add(rejected.len() as u64, Ordering::Relaxed);
+                        outbox::settle(&self.pool, &claim.token, &[], &rejected).await?;
+                        break;
+                    }
+                    Outcome::Unauthorized { reason, .. } | Outcome::Failed { reason, .. } => {
+                        let reason = format!(
+                            "Batch answered {reason} for {}; check [batch] api_url, api_version \
+                             and the keys",
+                            lane.endpoint().path()
+                        );
+                        self.fatal
+                            .lock()
+                            .expect("not poisoned")
+                            .get_or_insert(reason.clone());
+                        self.stop.stop();
+                        outbox::release_claim(&self.pool, &claim.token, Some(&reason)).await?;
+                        return Ok(StepEnd::Stop);
+                    }
+                    Outcome::Retryable {
+                        reason,
+                        retry_after,
+                        rate_limited,
+                    } => {
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        if rate_limited {
+                            self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let wait = retry_after.unwrap_or_else(|| backoff.delay(attempt));
+                        attempt = attempt.saturating_add(1);
+                        debug!(%reason, attempt, wait_ms = wait.as_millis() as u64, "Retrying a call to Batch.");
+                        if attempt % 10 == 0 {
+                            warn!(%reason, attempt, "Batch keeps failing; still retrying.");
+                        }
+                        *self.last_error.lock().expect("not poisoned") = Some(reason.clone());
+                        outbox::extend_claim(
+                            &self.pool,
+                            &claim.token,
+                            self.settings.claim_lease + wait,
+                            &reason,
+                        )
+                        .await?;
+                        let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+                        if !self.stop.sleep(wait).await {
+                            return Ok(StepEnd::Stop);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(StepEnd::Done)
+    }
+
+    async fn settle_accepted(
+        &self,
+        claim: &Claim,
+        part: &[PlannedOperation],
+        partial_errors: &[PartialError],
+    ) -> anyhow::Result<()> {
+        let mut refused: Vec<Option<String>> = vec![None; claim.changes.len()];
+        for error in partial_errors {
+            let Some(planned) = part.get(error.bulk_index) else {
+                warn!(
+                    bulk_index = error.bulk_index,
+                    "Batch reported an error for an operation that was not sent."
+                );
+                continue;
+            };
+            let reason = format!("{} ({})", error.reason, error.category);
+            let named: Vec<usize> = planned
+                .changes
+                .iter()
+                .copied()
+                .filter(|&index| {
+                    error.attribute.as_deref().is_some_and(|attribute| {
+                        attribute_matches(attribute, &claim.changes[index].attribute)
+                    })
+                })
+                .collect();
+            // An error that names no attribute we sent concerns the whole operation.
+            let affected = if named.is_empty() {
+                planned.changes.clone()
+            } else {
+                named
+            };
+            for index in affected {
+                refused[index] = Some(reason.clone());
+            }
+        }
+        let mut acknowledged = Vec::new();
+        let mut rejected = Vec::new();
+        for planned in part {
+            for &index in &planned.changes {
+                match refused[index].take() {
+                    Some(reason) => rejected.push((&claim.changes[index], reason)),
+                    None => acknowledged.push(&claim.changes[index]),
+                }
+            }
+        }
+        if !rejected.is_empty() {
+            warn!(
+                rejected = rejected.len(),
+                first_custom_id = %rejected[0].0.custom_id,
+                first_reason = %rejected[0].1,
+                "Batch dropped some attributes; recorded in rejections."
+            );
+        }
+        self.stats
+            .acknowledged
+            .fetch_add(acknowledged.len() as u64, Ordering::Relaxed);
+        self.stats
+            .rejected
+            .fetch_add(rejected.len() as u64, Ordering::Relaxed);
+        outbox::settle(&self.pool, &claim.token, &acknowledged, &rejected).await?;
+        Ok(())
+    }
+}
+
+/// Batch may name a typed attribute as `date(key)` or as `key`.
+fn attribute_matches(reported: &str, sent: &str) -> bool {
+    let bare = |name: &str| -> String {
+        match (name.find('('), name.ends_with(')')) {
+            (Some(open), true) => name[open + 1..name.len() - 1].to_owned(),
+            _ => name.to_owned(),
+        }
+    };
+    reported == sent || bare(reported) == bare(sent)
+}
+
+/// Logs the totals of a drain at INFO.
+pub fn log_totals(totals: &DeliveryTotals, elapsed: Duration) {
+    info!(
+        requests = totals.requests,
+        operations = totals.operations,
+        acknowledged = totals.acknowledged,
+        rejected = totals.rejected,
+        retries = totals.retries,
+        rate_limited = totals.rate_limited,
+        elapsed_ms = elapsed.as_millis() as u64,
+        "Delivery finished."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn change(key: &str, user: &str, value: Value) -> ClaimedChange {
+        ClaimedChange {
+            definition_key: key.to_owned(),
+            custom_id: user.to_owned(),
+            attribute: key.to_owned(),
+            value,
+            retain: true,
+            seq: 1,
+        }
+    }
+
+    #[test]
+    fn one_users_changes_share_one_operation() {
+        let changes = vec![
+            change("a", "u1", json!(true)),
+            change("b", "u2", json!(false)),
+            change("b", "u1", json!(false)),
+        ];
+        let planned = plan_operations(&changes);
+        assert_eq!(planned.len(), 2);
+        assert_eq!(
+            serde_json::to_value(&planned[0].operation).unwrap(),
+            json!({"identifiers": {"custom_id": "u1"}, "attributes": {"a": true, "b": false}})
+        );
+        assert_eq!(planned[0].changes, vec![0, 2]);
+    }
+
+    #[test]
+    fn more_than_fifty_attributes_split_into_several_operations() {
+        let changes: Vec<ClaimedChange> = (0..120)
+            .map(|i| change(&format!("k{i}"), "u1", json!(true)))
+            .collect();
+        let planned = plan_operations(&changes);
+        let sizes: Vec<usize> = planned
+            .iter()
+            .map(|p| p.operation.attributes.len())
+            .collect();
+        assert_eq!(sizes, vec![50, 50, 20]);
+    }
+
+    #[test]
+    fn typed_attribute_names_match_their_key() {
+        assert!(attribute_matches("date(signup)", "signup"));
+        assert!(attribute_matches("signup", "date(signup)"));
+        assert!(!attribute_matches("plan", "signup"));
+    }
+}

@@ -1,0 +1,19 @@
+//! engage-sync: keeps Batch profiles in step with audiences defined as SQL.
+//!
+//! The data path is `config` → `source` (staging) → `diff` (outbox) → `deliver` (Batch) → snapshot.
+//! See `docs/ARCHITECTURE.md` for the whole picture and the invariant that makes it crash-safe.
+
+pub mod batch;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod deliver;
+pub mod demo;
+pub mod diff;
+pub mod domain;
+pub mod local_pg;
+pub mod outbox;
+pub mod source;
+pub mod status;
+pub mod sync;
+pub mod telemetry;

@@ -1,0 +1,315 @@
+//! The outbox's operations: claim rows for delivery (committed before any HTTP call), settle what
+//! Batch answered (acknowledged values move into the snapshot in the same transaction that removes
+//! them from the outbox), and give claims back.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::batch::client::Endpoint;
+use crate::batch::limits::{MASS_UPDATE_MAX_OPERATIONS, UPDATE_MAX_OPERATIONS};
+
+/// A delivery lane: which endpoint a change goes through, with that endpoint's own budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Incremental,
+    Bulk,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Bulk, Lane::Incremental];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Incremental => "incremental",
+            Lane::Bulk => "bulk",
+        }
+    }
+
+    pub fn endpoint(self) -> Endpoint {
+        match self {
+            Lane::Incremental => Endpoint::Update,
+            Lane::Bulk => Endpoint::MassUpdate,
+        }
+    }
+
+    pub fn max_operations(self) -> usize {
+        match self {
+            Lane::Incremental => UPDATE_MAX_OPERATIONS,
+            Lane::Bulk => MASS_UPDATE_MAX_OPERATIONS,
+        }
+    }
+}
+
+/// One outbox row claimed for delivery.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ClaimedChange {
+    pub definition_key: String,
+    pub custom_id: String,
+    pub attribute: String,
+    pub value: Value,
+    pub retain: bool,
+    pub seq: i64,
+}
+
+/// Rows claimed together under one token; every change of a claimed user is in it.
+#[derive(Debug)]
+pub struct Claim {
+    pub token: String,
+    pub changes: Vec<ClaimedChange>,
+}
+
+/// First key of the advisory locks that serialise claims (the second is the lane).
+const CLAIM_LOCK_CLASS: i32 = 0x4553_0001;
+
+/// Deadlocks and serialization failures: PostgreSQL aborted the transaction, a retry may succeed.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+}
+
+pub fn new_claim_token() -> String {
+    format!("{}-{:016x}", std::process::id(), fastrand::u64(..))
+}
+
+/// Claims the oldest unclaimed changes of a lane: up to `max_users` users and, for each of them,
+/// every pending change in that lane, so one user's changes travel in one operation.
+pub async fn claim(
+    pool: &PgPool,
+    lane: Lane,
+    max_users: usize,
+    only: Option<&[String]>,
+    lease: Duration,
+) -> Result<Claim, sqlx::Error> {
+    let token = new_claim_token();
+    let mut attempt = 0;
+    loop {
+        match try_claim(pool, lane, max_users, only, lease, &token).await {
+            Ok(changes) => return Ok(Claim { token, changes }),
+            // A diff upserting the same rows can deadlock with a claim; the loser tries again.
+            Err(error) if is_transient(&error) && attempt < 5 => attempt += 1,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Claims are taken one at a time per lane (a transaction-scoped advisory lock), so two claimers
+/// never lock one user's rows in different orders, and a user's changes never split between two
+/// concurrent claims.
+async fn try_claim(
+    pool: &PgPool,
+    lane: Lane,
+    max_users: usize,
+    only: Option<&[String]>,
+    lease: Duration,
+    token: &str,
+) -> Result<Vec<ClaimedChange>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(CLAIM_LOCK_CLASS)
+        .bind(lane as i32)
+        .execute(&mut *tx)
+        .await?;
+    let changes = sqlx::query_as::<_, ClaimedChange>(
+        "WITH picked AS ( \
+             SELECT custom_id FROM outbox \
+             WHERE lane = $1 AND (claimed_until IS NULL OR claimed_until < now()) \
+               AND ($4::text[] IS NULL OR definition_key = ANY($4)) \
+             ORDER BY seq LIMIT $2 \
+             FOR UPDATE SKIP LOCKED) \
+         UPDATE outbox o SET claimed_by = $3, \
+                claimed_until = now() + make_interval(secs => $5), \
+                attempts = o.attempts + 1 \
+         WHERE o.custom_id IN (SELECT custom_id FROM picked) AND o.lane = $1 \
+           AND (o.claimed_until IS NULL OR o.claimed_until < now()) \
+           AND ($4::text[] IS NULL OR o.definition_key = ANY($4)) \
+         RETURNING o.definition_key, o.custom_id, o.attribute, o.value, o.retain, o.seq",
+    )
+    .bind(lane.as_str())
+    .bind(max_users as i64)
+    .bind(token)
+    .bind(only)
+    .bind(lease.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(changes)
+}
+
+/// Keeps a claim alive while its request is retried, and notes why it is still pending.
+pub async fn extend_claim(
+    pool: &PgPool,
+    token: &str,
+    lease: Duration,
+    last_error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE outbox SET claimed_until = now() + make_interval(secs => $2), last_error = $3 \
+         WHERE claimed_by = $1",
+    )
+    .bind(token)
+    .bind(lease.as_secs_f64())
+    .bind(last_error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Gives back whatever the claim still holds, so the next worker or run can take it at once.
+pub async fn release_claim(
+    pool: &PgPool,
+    token: &str,
+    last_error: Option<&str>,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL, \
+                last_error = coalesce($2, last_error) \
+         WHERE claimed_by = $1",
+    )
+    .bind(token)
+    .bind(last_error)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Records Batch's answer for some claimed changes, in one transaction:
+/// acknowledged values move to the snapshot, refused ones to `rejections`, and both leave the
+/// outbox unless a newer value replaced them meanwhile (then that newer row is just unclaimed).
+pub async fn settle(
+    pool: &PgPool,
+    token: &str,
+    acknowledged: &[&ClaimedChange],
+    rejected: &[(&ClaimedChange, String)],
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+
+    let (kept, dropped): (Vec<&ClaimedChange>, Vec<&ClaimedChange>) = acknowledged
+        .iter()
+        .copied()
+        .partition(|change| change.retain);
+    if !kept.is_empty() {
+        let (keys, ids, values) = columns(&kept);
+        sqlx::query(
+            "INSERT INTO snapshot (definition_key, custom_id, value) \
+             SELECT k, u, v::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) AS a(k, u, v) \
+             ON CONFLICT (definition_key, custom_id) \
+             DO UPDATE SET value = EXCLUDED.value, acknowledged_at = now()",
+        )
+        .bind(keys)
+        .bind(ids)
+        .bind(values)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !dropped.is_empty() {
+        let (keys, ids, _) = columns(&dropped);
+        sqlx::query(
+            "DELETE FROM snapshot s USING unnest($1::text[], $2::text[]) AS a(k, u) \
+             WHERE s.definition_key = a.k AND s.custom_id = a.u",
+        )
+        .bind(keys)
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !acknowledged.is_empty() {
+        let (keys, ids, _) = columns(acknowledged);
+        sqlx::query(
+            "DELETE FROM rejections r USING unnest($1::text[], $2::text[]) AS a(k, u) \
+             WHERE r.definition_key = a.k AND r.custom_id = a.u",
+        )
+        .bind(keys)
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !rejected.is_empty() {
+        let changes: Vec<&ClaimedChange> = rejected.iter().map(|(change, _)| *change).collect();
+        let (keys, ids, values) = columns(&changes);
+        let attributes: Vec<&str> = changes.iter().map(|c| c.attribute.as_str()).collect();
+        let reasons: Vec<&str> = rejected.iter().map(|(_, reason)| reason.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO rejections (definition_key, custom_id, attribute, value, reason) \
+             SELECT k, u, a, v::jsonb, r \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS x(k, u, a, v, r) \
+             ON CONFLICT (definition_key, custom_id) DO UPDATE \
+             SET attribute = EXCLUDED.attribute, value = EXCLUDED.value, \
+                 reason = EXCLUDED.reason, rejected_at = now()",
+        )
+        .bind(keys)
+        .bind(ids)
+        .bind(attributes)
+        .bind(values)
+        .bind(reasons)
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    let settled: Vec<&ClaimedChange> = acknowledged
+        .iter()
+        .copied()
+        .chain(rejected.iter().map(|(change, _)| *change))
+        .collect();
+    let (keys, ids, _) = columns(&settled);
+    let seqs: Vec<i64> = settled.iter().map(|change| change.seq).collect();
+    sqlx::query(
+        "DELETE FROM outbox o USING unnest($1::text[], $2::text[], $3::bigint[]) AS a(k, u, s) \
+         WHERE o.definition_key = a.k AND o.custom_id = a.u AND o.seq = a.s",
+    )
+    .bind(&keys)
+    .bind(&ids)
+    .bind(seqs)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE outbox o SET claimed_by = NULL, claimed_until = NULL \
+         FROM unnest($1::text[], $2::text[]) AS a(k, u) \
+         WHERE o.definition_key = a.k AND o.custom_id = a.u AND o.claimed_by = $3",
+    )
+    .bind(&keys)
+    .bind(&ids)
+    .bind(token)
+    .execute(&mut *tx)
+    .await?;
+
+    tx.commit().await
+}
+
+fn columns(changes: &[&ClaimedChange]) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut keys = Vec::with_capacity(changes.len());
+    let mut ids = Vec::with_capacity(changes.len());
+    let mut values = Vec::with_capacity(changes.len());
+    for change in changes {
+        keys.push(change.definition_key.clone());
+        ids.push(change.custom_id.clone());
+        values.push(change.value.to_string());
+    }
+    (keys, ids, values)
+}
+
+/// Changes still waiting, for the given definitions (all when `None`).
+pub async fn pending(pool: &PgPool, only: Option<&[String]>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE ($1::text[] IS NULL OR definition_key = ANY($1))",
+    )
+    .bind(only)
+    .fetch_one(pool)
+    .await
+}
+
+/// Changes still waiting in one lane, for the given definitions (all when `None`).
+pub async fn pending_in_lane(
+    pool: &PgPool,
+    lane: Lane,
+    only: Option<&[String]>,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox \
+         WHERE lane = $1 AND ($2::text[] IS NULL OR definition_key = ANY($2))",
+    )
+    .bind(lane.as_str())
+    .bind(only)
+    .fetch_one(pool)
+    .await
+}
