@@ -50,6 +50,7 @@ CREATE TABLE outbox (
     last_error     text,
     PRIMARY KEY (definition_key, custom_id)
 );
+ALTER SEQUENCE outbox_seq OWNED BY outbox.seq;
 CREATE INDEX outbox_by_lane ON outbox (lane, seq);
 CREATE INDEX outbox_by_user ON outbox (custom_id);
 CREATE INDEX outbox_by_claim ON outbox (claimed_by) WHERE claimed_by IS NOT NULL;

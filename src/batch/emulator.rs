@@ -64,6 +64,8 @@ pub struct Faults {
     pub refuse_custom_ids: HashSet<String>,
     /// Every attribute sent for these custom_ids is dropped with a partial error.
     pub drop_attributes_of: HashSet<String>,
+    /// Seed for the failure rolls, so a test sees the same sequence of answers every run.
+    pub seed: Option<u64>,
 }
 
 /// One profile as the emulator holds it.
@@ -105,6 +107,22 @@ struct Inner {
     recorded: Vec<RecordedOperation>,
     stats: EmulatorStats,
     faults: Faults,
+    rng: fastrand::Rng,
+}
+
+impl Inner {
+    fn set_faults(&mut self, faults: Faults) {
+        self.rng = faults
+            .seed
+            .map(fastrand::Rng::with_seed)
+            .unwrap_or_default();
+        self.faults = faults;
+    }
+
+    /// Three rolls per request, drawn together so each request's fate depends only on its rank.
+    fn roll(&mut self) -> [f64; 3] {
+        [self.rng.f64(), self.rng.f64(), self.rng.f64()]
+    }
 }
 
 struct Shared {
@@ -150,6 +168,7 @@ impl Emulator {
                 recorded: Vec::new(),
                 stats: EmulatorStats::default(),
                 faults: Faults::default(),
+                rng: fastrand::Rng::new(),
             }),
         });
         let router = Router::new()
@@ -193,7 +212,7 @@ impl Emulator {
     }
 
     pub fn set_faults(&self, faults: Faults) {
-        self.shared.lock().faults = faults;
+        self.shared.lock().set_faults(faults);
     }
 
     pub fn profile(&self, custom_id: &str) -> Option<Profile> {
@@ -273,7 +292,7 @@ async fn profile(State(shared): State<Arc<Shared>>, Path(custom_id): Path<String
 }
 
 async fn set_faults(State(shared): State<Arc<Shared>>, Json(faults): Json<Faults>) -> StatusCode {
-    shared.lock().faults = faults;
+    shared.lock().set_faults(faults);
     StatusCode::NO_CONTENT
 }
 
@@ -353,15 +372,18 @@ fn answer(
         );
     }
 
-    let faults = shared.lock().faults.clone();
-    if fastrand::f64() < faults.fail_500 {
+    let (faults, [roll_500, roll_429, roll_after]) = {
+        let mut inner = shared.lock();
+        (inner.faults.clone(), inner.roll())
+    };
+    if roll_500 < faults.fail_500 {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "SERVER_ERROR",
             "unexpected error (injected)",
         );
     }
-    if fastrand::f64() < faults.fail_429 {
+    if roll_429 < faults.fail_429 {
         return too_many_requests();
     }
 
@@ -487,7 +509,7 @@ fn answer(
     inner.stats.partial_errors += partial_errors.len() as u64;
     drop(inner);
 
-    if fastrand::f64() < faults.fail_after_apply {
+    if roll_after < faults.fail_after_apply {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "SERVER_ERROR",
