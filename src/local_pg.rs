@@ -102,6 +102,7 @@ impl ThrowawayCluster {
             "no PostgreSQL answers on 127.0.0.1:5432 and no PostgreSQL server binaries were found; \
              install them (Debian/Ubuntu: `apt-get install postgresql`) or set DATABASE_URL",
         )?;
+        remove_stale_clusters();
         let root = std::env::temp_dir().join(format!(
             "engage-sync-pg-{}-{:08x}",
             std::process::id(),
@@ -227,6 +228,31 @@ impl ThrowawayCluster {
 impl Drop for ThrowawayCluster {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Deletes the folders of throwaway clusters whose process is gone (a test binary cannot run
+/// destructors of its statics, so its cluster folder outlives it).
+fn remove_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("engage-sync-pg-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

@@ -10,7 +10,27 @@ use crate::harness::{audience, ids, TestEnv};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_engage-sync");
 
-fn config_file(env: &TestEnv, definitions: &str) -> PathBuf {
+/// A config file in a folder of its own, deleted when dropped.
+struct ConfigFile {
+    path: PathBuf,
+}
+
+impl std::ops::Deref for ConfigFile {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.path
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn config_file(env: &TestEnv, definitions: &str) -> ConfigFile {
     let dir = std::env::temp_dir().join(format!(
         "engage-sync-it-{}-{:08x}",
         std::process::id(),
@@ -19,7 +39,7 @@ fn config_file(env: &TestEnv, definitions: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.toml");
     std::fs::write(&path, env.config_text(definitions)).unwrap();
-    path
+    ConfigFile { path }
 }
 
 fn engage_sync(config: &PathBuf, args: &[&str]) -> Command {
@@ -150,11 +170,11 @@ async fn the_rest_api_key_never_reaches_logs_or_errors() {
     env.set_members("m", &ids("u", 0..5)).await;
     let config = config_file(&env, &audience("Members", "m"));
     let secret = "sk-live-do-not-print-0123456789";
-    let text_with_secret = std::fs::read_to_string(&config).unwrap().replace(
+    let text_with_secret = std::fs::read_to_string(&config.path).unwrap().replace(
         &format!("rest_api_key = \"{}\"", env.emulator.config().rest_api_key),
         &format!("rest_api_key = \"{secret}\""),
     );
-    std::fs::write(&config, text_with_secret).unwrap();
+    std::fs::write(&config.path, text_with_secret).unwrap();
     let mut command = engage_sync(&config, &["sync"]);
     command.env("RUST_LOG", "trace");
     let output = run(command).await;

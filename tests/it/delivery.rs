@@ -152,7 +152,15 @@ async fn a_refused_operation_is_isolated_recorded_and_not_resent() {
     assert!(report.is_success());
     assert_eq!(report.definitions[0].held_back, 2);
     assert!(env.take_recorded().is_empty());
-    assert!(env.emulator.stats().statuses.get(&400).copied().unwrap_or(0) > 0);
+    assert!(
+        env.emulator
+            .stats()
+            .statuses
+            .get(&400)
+            .copied()
+            .unwrap_or(0)
+            > 0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
