@@ -286,7 +286,7 @@ impl Deliverer {
             )
             .await?;
             if claim.changes.is_empty() {
-                if outbox::pending_in_lane(&self.pool, lane, only).await? == 0 {
+                if !outbox::has_pending_in_lane(&self.pool, lane, only).await? {
                     return Ok(());
                 }
                 self.stop.sleep(idle_wait).await;

@@ -298,15 +298,15 @@ pub async fn pending(pool: &PgPool, only: Option<&[String]>) -> Result<i64, sqlx
     .await
 }
 
-/// Changes still waiting in one lane, for the given definitions (all when `None`).
-pub async fn pending_in_lane(
+/// Whether any change of the given definitions (all when `None`) still waits in a lane.
+pub async fn has_pending_in_lane(
     pool: &PgPool,
     lane: Lane,
     only: Option<&[String]>,
-) -> Result<i64, sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM outbox \
-         WHERE lane = $1 AND ($2::text[] IS NULL OR definition_key = ANY($2))",
+        "SELECT EXISTS (SELECT 1 FROM outbox \
+         WHERE lane = $1 AND ($2::text[] IS NULL OR definition_key = ANY($2)))",
     )
     .bind(lane.as_str())
     .bind(only)

@@ -234,9 +234,18 @@ pub async fn sync_once(app: &App, options: &SyncOptions) -> anyhow::Result<SyncR
                 .map(|d| d.key.as_str().to_owned())
                 .collect::<Vec<_>>()
         });
-        let end = deliverer
+        let end = match deliverer
             .drain(only, Instant::now() + app.config.delivery.deadline)
-            .await?;
+            .await
+        {
+            Ok(end) => end,
+            Err(failure) => {
+                // The database failed under delivery: close the runs before reporting it.
+                let reason = format!("delivery failed: {failure:#}");
+                let _ = finish_runs(&app.pool, &mut outcomes, &DrainEnd::Fatal { reason }).await;
+                return Err(failure);
+            }
+        };
         delivery = deliverer.stats.totals();
         deliver::log_totals(&delivery, delivery_started.elapsed());
         finish_runs(&app.pool, &mut outcomes, &end).await?;
