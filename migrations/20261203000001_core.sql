@@ -17,8 +17,9 @@ CREATE TABLE definitions (
     initial_sync_completed_at timestamptz
 );
 
--- Per (definition, user): exactly the value Batch acknowledged. A user absent here has no value on
--- Batch from this definition (for an audience: not a member, `false` or never sent).
+-- Per (definition, user): exactly the value Batch acknowledged, `false` included (so `retire` knows
+-- every profile holding the attribute). A user absent here has no value on Batch from this
+-- definition: never sent, or deleted with null.
 CREATE TABLE snapshot (
     definition_key  text NOT NULL,
     custom_id       text NOT NULL,
@@ -35,10 +36,9 @@ CREATE TABLE outbox (
     custom_id      text NOT NULL,
     -- The profile attribute the value is sent as.
     attribute      text NOT NULL,
-    -- The value as sent on the wire (`false` for a user leaving an audience).
+    -- The value as sent on the wire (`false` for a user leaving an audience). JSON null deletes the
+    -- attribute on Batch, and the snapshot row once acknowledged.
     value          jsonb NOT NULL,
-    -- Whether, once acknowledged, the value is kept in the snapshot (false: the row is removed).
-    retain         boolean NOT NULL,
     lane           text NOT NULL CHECK (lane IN ('incremental', 'bulk')),
     -- Bumped whenever the desired value changes, so an acknowledgement of an older value never
     -- removes a newer one.

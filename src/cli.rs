@@ -47,8 +47,19 @@ pub enum Command {
     Migrate,
     /// Run every definition (or those named) once: compute changes and deliver them.
     Sync(SyncArgs),
-    /// Show each definition: members, pending changes, rejections, last run.
+    /// Show each definition: members, pending changes, rejections, last run, orphaned keys.
     Status,
+    /// Send every current member of a definition again through the bulk lane (after data loss on
+    /// Batch's side); non-members get nothing.
+    Backfill {
+        /// The definition's key.
+        key: String,
+    },
+    /// Delete a removed definition's attribute (null) from every profile holding it, then forget it.
+    Retire {
+        /// The orphaned key, as `status` lists it.
+        key: String,
+    },
     /// Serve a local Batch-compatible API (for trials and tests).
     Emulator(EmulatorArgs),
     /// Seed a sample shop, sync it to an in-process emulator, change it, sync again.
@@ -118,10 +129,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let report = crate::sync::sync_once(&app, &options).await?;
             print!("{}", render_sync_report(&report, options.dry_run));
-            match report.failure_reason() {
-                None => Ok(ExitCode::SUCCESS),
-                Some(reason) => {
-                    eprintln!("error: sync incomplete: {reason}");
+            Ok(exit_for(&report))
+        }
+        Command::Backfill { key } => {
+            let app = App::connect(Config::load(&cli.config)?).await?;
+            let report = crate::sync::backfill(&app, &key).await?;
+            print!("{}", render_sync_report(&report, false));
+            Ok(exit_for(&report))
+        }
+        Command::Retire { key } => {
+            let app = App::connect(Config::load(&cli.config)?).await?;
+            let report = crate::sync::retire(&app, &key).await?;
+            match &report.end {
+                crate::deliver::DrainEnd::Complete => {
+                    println!(
+                        "Retired {key}: the attribute was deleted from {} profile(s) and the definition forgotten.",
+                        report.profiles
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                crate::deliver::DrainEnd::Fatal { reason } => {
+                    eprintln!("error: retire incomplete: {reason}");
+                    Ok(ExitCode::FAILURE)
+                }
+                crate::deliver::DrainEnd::Incomplete { pending, .. } => {
+                    eprintln!("error: retire incomplete: {pending} deletion(s) still pending; run `engage-sync retire {key}` again");
                     Ok(ExitCode::FAILURE)
                 }
             }
@@ -130,7 +162,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(&cli.config)?;
             let pool = db::connect(&config.database, "state").await?;
             db::ensure_migrated(&pool).await?;
-            let rows = status::load(&pool).await?;
+            let rows = status::load(&pool, &config.keys()).await?;
             if rows.is_empty() {
                 println!("No definition has run yet: run `engage-sync sync`.");
             } else {
@@ -166,6 +198,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => {
             demo::run(args.users).await?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// 0 when every change was acknowledged or recorded as rejected; otherwise 1 with a one-line reason.
+fn exit_for(report: &SyncReport) -> ExitCode {
+    match report.failure_reason() {
+        None => ExitCode::SUCCESS,
+        Some(reason) => {
+            eprintln!("error: sync incomplete: {reason}");
+            ExitCode::FAILURE
         }
     }
 }

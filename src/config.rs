@@ -265,6 +265,14 @@ impl Config {
         }
     }
 
+    /// The keys of every configured definition.
+    pub fn keys(&self) -> Vec<String> {
+        self.definitions
+            .iter()
+            .map(|d| d.key.as_str().to_owned())
+            .collect()
+    }
+
     pub fn definition(&self, key: &str) -> Option<&Definition> {
         self.definitions.iter().find(|d| d.key.as_str() == key)
     }

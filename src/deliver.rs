@@ -21,6 +21,7 @@ use crate::batch::operation::Operation;
 use crate::batch::retry::Backoff;
 use crate::config::DeliverySettings;
 use crate::outbox::{self, Claim, ClaimedChange, Lane};
+use crate::progress::{self, Progress};
 
 /// A stop request shared by workers: checked between steps and able to cut a backoff short.
 #[derive(Default)]
@@ -183,6 +184,7 @@ pub struct Deliverer {
     pub stop: StopSignal,
     fatal: Mutex<Option<String>>,
     last_error: Mutex<Option<String>>,
+    progress: Mutex<Option<Arc<Progress>>>,
 }
 
 enum StepEnd {
@@ -206,6 +208,7 @@ impl Deliverer {
             stop: StopSignal::default(),
             fatal: Mutex::new(None),
             last_error: Mutex::new(None),
+            progress: Mutex::new(None),
         }
     }
 
@@ -224,6 +227,20 @@ impl Deliverer {
         deadline: Instant,
     ) -> anyhow::Result<DrainEnd> {
         let only = only.map(Arc::new);
+        let progress =
+            Arc::new(Progress::load(&self.pool, only.as_deref().map(Vec::as_slice)).await?);
+        *self.progress.lock().expect("not poisoned") = Some(Arc::clone(&progress));
+        let reporter = {
+            let progress = Arc::clone(&progress);
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(progress::LOG_EVERY);
+                ticks.tick().await;
+                loop {
+                    ticks.tick().await;
+                    progress.log();
+                }
+            })
+        };
         let mut workers = tokio::task::JoinSet::new();
         for lane in Lane::ALL {
             for _ in 0..self.settings.workers {
@@ -250,6 +267,8 @@ impl Deliverer {
                 }
             }
         }
+        reporter.abort();
+        progress.finish();
         if let Some(error) = first_error {
             return Err(error);
         }
@@ -368,6 +387,7 @@ impl Deliverer {
                             .rejected
                             .fetch_add(rejected.len() as u64, Ordering::Relaxed);
                         outbox::settle(&self.pool, &claim.token, &[], &rejected).await?;
+                        self.record_progress(rejected.iter().map(|(change, _)| *change));
                         break;
                     }
                     Outcome::Unauthorized { reason, .. } | Outcome::Failed { reason, .. } => {
@@ -479,7 +499,28 @@ impl Deliverer {
             .rejected
             .fetch_add(rejected.len() as u64, Ordering::Relaxed);
         outbox::settle(&self.pool, &claim.token, &acknowledged, &rejected).await?;
+        self.record_progress(
+            acknowledged
+                .iter()
+                .copied()
+                .chain(rejected.iter().map(|(c, _)| *c)),
+        );
         Ok(())
+    }
+
+    fn record_progress<'a>(&self, settled: impl Iterator<Item = &'a ClaimedChange>) {
+        let Some(progress) = self.progress.lock().expect("not poisoned").clone() else {
+            return;
+        };
+        let mut per_definition: BTreeMap<&str, u64> = BTreeMap::new();
+        for change in settled {
+            *per_definition
+                .entry(change.definition_key.as_str())
+                .or_default() += 1;
+        }
+        for (key, count) in per_definition {
+            progress.record(key, count);
+        }
     }
 }
 
@@ -519,7 +560,6 @@ mod tests {
             custom_id: user.to_owned(),
             attribute: key.to_owned(),
             value,
-            retain: true,
             seq: 1,
         }
     }

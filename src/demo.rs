@@ -137,7 +137,10 @@ async fn run_on(server: &local_pg::PgServer, users: u32) -> anyhow::Result<()> {
     );
 
     println!("\n== engage-sync status ==");
-    print!("{}", status::render(&status::load(&app.pool).await?));
+    print!(
+        "{}",
+        status::render(&status::load(&app.pool, &app.config.keys()).await?)
+    );
 
     let summary = emulator.summary();
     println!("\n== The emulator's final state ==");

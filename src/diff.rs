@@ -10,7 +10,7 @@ use crate::outbox::Lane;
 /// What one definition's diff put in the outbox.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DiffReport {
-    /// Users who entered (no acknowledged value before).
+    /// Users who entered (no acknowledged value before, or the removal value).
     pub added: i64,
     /// Users who left (an acknowledged value, now absent from the query's result).
     pub removed: i64,
@@ -37,54 +37,46 @@ pub async fn diff_into_outbox(
     let key = definition.key.as_str();
     let removal = definition.kind.removal_value().to_string();
 
-    // One pass over both sides; `IS DISTINCT FROM` covers entering (no snapshot row), leaving (no
-    // staging row) and changing values alike.
+    // One pass over both sides. A user absent from staging is desired at the removal value
+    // (`false` for an audience), so a user who already got `false` is not sent it again.
     sqlx::query(
         "CREATE TEMP TABLE changes ON COMMIT DROP AS \
          SELECT coalesce(s.custom_id, p.custom_id) AS custom_id, \
-                s.value AS desired, p.value AS acknowledged, false AS held_back \
+                coalesce(s.value, $2::jsonb) AS desired, \
+                s.value IS NOT NULL AS present, p.value AS acknowledged, false AS held_back \
          FROM staging s \
          FULL OUTER JOIN (SELECT custom_id, value FROM snapshot WHERE definition_key = $1) p \
            ON p.custom_id = s.custom_id \
-         WHERE s.value IS DISTINCT FROM p.value",
-    )
-    .bind(key)
-    .execute(&mut *conn)
-    .await?;
-
-    sqlx::query(
-        "UPDATE changes c SET held_back = true FROM rejections r \
-         WHERE r.definition_key = $1 AND r.custom_id = c.custom_id \
-           AND r.value = coalesce(c.desired, $2::jsonb)",
+         WHERE coalesce(s.value, $2::jsonb) IS DISTINCT FROM p.value",
     )
     .bind(key)
     .bind(&removal)
     .execute(&mut *conn)
     .await?;
 
+    sqlx::query(
+        "UPDATE changes c SET held_back = true FROM rejections r \
+         WHERE r.definition_key = $1 AND r.custom_id = c.custom_id AND r.value = c.desired",
+    )
+    .bind(key)
+    .execute(&mut *conn)
+    .await?;
+
     let (added, removed, changed, held_back): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE NOT held_back AND acknowledged IS NULL), \
-                count(*) FILTER (WHERE NOT held_back AND desired IS NULL), \
-                count(*) FILTER (WHERE NOT held_back AND desired IS NOT NULL AND acknowledged IS NOT NULL), \
+        "SELECT count(*) FILTER (WHERE NOT held_back AND present \
+                                   AND (acknowledged IS NULL OR acknowledged = $1::jsonb)), \
+                count(*) FILTER (WHERE NOT held_back AND NOT present), \
+                count(*) FILTER (WHERE NOT held_back AND present \
+                                   AND acknowledged IS NOT NULL AND acknowledged <> $1::jsonb), \
                 count(*) FILTER (WHERE held_back) \
          FROM changes",
     )
+    .bind(&removal)
     .fetch_one(&mut *conn)
     .await?;
 
-    let initial_sync_done: bool = sqlx::query_scalar(
-        "SELECT initial_sync_completed_at IS NOT NULL FROM definitions WHERE key = $1",
-    )
-    .bind(key)
-    .fetch_optional(&mut *conn)
-    .await?
-    .unwrap_or(false);
     let total = added + removed + changed;
-    let lane = if !initial_sync_done || total as u64 > bulk_threshold {
-        Lane::Bulk
-    } else {
-        Lane::Incremental
-    };
+    let lane = choose_lane(conn, key, total, bulk_threshold).await?;
 
     // A refusal is stale once the user's desired value equals what Batch holds again.
     sqlx::query(
@@ -105,24 +97,13 @@ pub async fn diff_into_outbox(
     .execute(&mut *conn)
     .await?;
 
-    // Identical pending rows are left alone, so a change already on its way keeps its place.
-    sqlx::query(
-        "INSERT INTO outbox (definition_key, custom_id, attribute, value, retain, lane) \
-         SELECT $1, c.custom_id, $1, coalesce(c.desired, $2::jsonb), c.desired IS NOT NULL, $3 \
-         FROM changes c WHERE NOT c.held_back \
-         ON CONFLICT (definition_key, custom_id) DO UPDATE \
-         SET attribute = EXCLUDED.attribute, value = EXCLUDED.value, retain = EXCLUDED.retain, \
-             lane = EXCLUDED.lane, seq = EXCLUDED.seq, enqueued_at = now(), attempts = 0, \
-             last_error = NULL \
-         WHERE (outbox.attribute, outbox.value, outbox.retain) \
-               IS DISTINCT FROM (EXCLUDED.attribute, EXCLUDED.value, EXCLUDED.retain)",
+    enqueue(
+        conn,
+        key,
+        "SELECT custom_id, desired FROM changes WHERE NOT held_back",
+        lane,
     )
-    .bind(key)
-    .bind(&removal)
-    .bind(lane.as_str())
-    .execute(&mut *conn)
     .await?;
-
     conn.execute("DROP TABLE changes").await?;
 
     Ok(DiffReport {
@@ -132,4 +113,111 @@ pub async fn diff_into_outbox(
         held_back,
         lane: (total > 0).then_some(lane),
     })
+}
+
+/// The bulk lane for a definition whose first sync has not completed, or for a large diff.
+async fn choose_lane(
+    conn: &mut PgConnection,
+    key: &str,
+    changes: i64,
+    bulk_threshold: u64,
+) -> Result<Lane, sqlx::Error> {
+    let initial_sync_done: bool = sqlx::query_scalar(
+        "SELECT initial_sync_completed_at IS NOT NULL FROM definitions WHERE key = $1",
+    )
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await?
+    .unwrap_or(false);
+    Ok(if !initial_sync_done || changes as u64 > bulk_threshold {
+        Lane::Bulk
+    } else {
+        Lane::Incremental
+    })
+}
+
+/// Upserts `(custom_id, value)` rows produced by `rows_sql` into the outbox as the desired values
+/// of `key`. Identical pending rows are left alone, so a change already on its way keeps its place.
+async fn enqueue(
+    conn: &mut PgConnection,
+    key: &str,
+    rows_sql: &str,
+    lane: Lane,
+) -> Result<u64, sqlx::Error> {
+    let statement = format!(
+        "INSERT INTO outbox (definition_key, custom_id, attribute, value, lane) \
+         SELECT $1, r.custom_id, $1, r.value, $2 FROM ({rows_sql}) AS r(custom_id, value) \
+         ON CONFLICT (definition_key, custom_id) DO UPDATE \
+         SET attribute = EXCLUDED.attribute, value = EXCLUDED.value, lane = EXCLUDED.lane, \
+             seq = EXCLUDED.seq, enqueued_at = now(), attempts = 0, last_error = NULL \
+         WHERE (outbox.attribute, outbox.value) IS DISTINCT FROM (EXCLUDED.attribute, EXCLUDED.value)"
+    );
+    Ok(sqlx::query(&statement)
+        .bind(key)
+        .bind(lane.as_str())
+        .execute(conn)
+        .await?
+        .rows_affected())
+}
+
+/// `backfill`: every staged member is desired again through the bulk lane, whatever the snapshot
+/// says (Batch lost data); non-members get nothing. Returns how many were enqueued.
+pub async fn enqueue_all_members(conn: &mut PgConnection, key: &str) -> Result<u64, sqlx::Error> {
+    // A pending identical value would be skipped by `enqueue`; move those to the bulk lane too.
+    sqlx::query(
+        "UPDATE outbox o SET lane = 'bulk' FROM staging s \
+         WHERE o.definition_key = $1 AND o.custom_id = s.custom_id AND o.value = s.value",
+    )
+    .bind(key)
+    .execute(&mut *conn)
+    .await?;
+    let enqueued = enqueue(
+        conn,
+        key,
+        "SELECT custom_id, value FROM staging",
+        Lane::Bulk,
+    )
+    .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM staging")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(enqueued.max(total as u64))
+}
+
+/// `retire`: every profile holding the definition's attribute gets it deleted (null), through the
+/// bulk lane when there are many. Acknowledged nulls remove the snapshot rows.
+pub async fn enqueue_retirement(
+    conn: &mut PgConnection,
+    key: &str,
+    bulk_threshold: u64,
+) -> Result<i64, sqlx::Error> {
+    let holders: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM snapshot WHERE definition_key = $1")
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await?;
+    let lane = if holders as u64 > bulk_threshold {
+        Lane::Bulk
+    } else {
+        Lane::Incremental
+    };
+    sqlx::query("DELETE FROM outbox WHERE definition_key = $1")
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM rejections WHERE definition_key = $1")
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    enqueue(
+        conn,
+        key,
+        &format!(
+            "SELECT custom_id, 'null'::jsonb FROM snapshot WHERE definition_key = '{}'",
+            key.replace('\'', "''")
+        ),
+        lane,
+    )
+    .await?;
+    Ok(holders)
 }

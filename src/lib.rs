@@ -13,6 +13,7 @@ pub mod diff;
 pub mod domain;
 pub mod local_pg;
 pub mod outbox;
+pub mod progress;
 pub mod source;
 pub mod status;
 pub mod sync;

@@ -49,7 +49,6 @@ pub struct ClaimedChange {
     pub custom_id: String,
     pub attribute: String,
     pub value: Value,
-    pub retain: bool,
     pub seq: i64,
 }
 
@@ -123,7 +122,7 @@ async fn try_claim(
          WHERE o.custom_id IN (SELECT custom_id FROM picked) AND o.lane = $1 \
            AND (o.claimed_until IS NULL OR o.claimed_until < now()) \
            AND ($4::text[] IS NULL OR o.definition_key = ANY($4)) \
-         RETURNING o.definition_key, o.custom_id, o.attribute, o.value, o.retain, o.seq",
+         RETURNING o.definition_key, o.custom_id, o.attribute, o.value, o.seq",
     )
     .bind(lane.as_str())
     .bind(max_users as i64)
@@ -174,7 +173,7 @@ pub async fn release_claim(
 }
 
 /// Records Batch's answer for some claimed changes, in one transaction:
-/// acknowledged values move to the snapshot, refused ones to `rejections`, and both leave the
+/// acknowledged values move to the snapshot (an acknowledged null deletes the snapshot row), refused ones to `rejections`, and both leave the
 /// outbox unless a newer value replaced them meanwhile (then that newer row is just unclaimed).
 pub async fn settle(
     pool: &PgPool,
@@ -187,7 +186,7 @@ pub async fn settle(
     let (kept, dropped): (Vec<&ClaimedChange>, Vec<&ClaimedChange>) = acknowledged
         .iter()
         .copied()
-        .partition(|change| change.retain);
+        .partition(|change| !change.value.is_null());
     if !kept.is_empty() {
         let (keys, ids, values) = columns(&kept);
         sqlx::query(

@@ -7,6 +7,9 @@ use sqlx::PgPool;
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DefinitionStatus {
     pub key: String,
+    /// Not in the current configuration: its attribute stays on Batch until `retire`.
+    #[sqlx(default)]
+    pub orphaned: bool,
     pub kind: String,
     pub members: i64,
     pub pending: i64,
@@ -19,8 +22,12 @@ pub struct DefinitionStatus {
     pub last_error: Option<String>,
 }
 
-pub async fn load(pool: &PgPool) -> Result<Vec<DefinitionStatus>, sqlx::Error> {
-    sqlx::query_as(
+/// Loads every definition ever registered; those not in `configured_keys` are marked orphaned.
+pub async fn load(
+    pool: &PgPool,
+    configured_keys: &[String],
+) -> Result<Vec<DefinitionStatus>, sqlx::Error> {
+    let mut rows: Vec<DefinitionStatus> = sqlx::query_as(
         "SELECT d.key, d.kind, \
                 coalesce(s.members, 0) AS members, \
                 coalesce(o.pending, 0) AS pending, \
@@ -29,7 +36,8 @@ pub async fn load(pool: &PgPool) -> Result<Vec<DefinitionStatus>, sqlx::Error> {
                 lr.added AS last_added, lr.removed AS last_removed, \
                 lr.outcome AS last_outcome, lr.error AS last_error \
          FROM definitions d \
-         LEFT JOIN (SELECT definition_key, count(*) AS members FROM snapshot GROUP BY 1) s \
+         LEFT JOIN (SELECT definition_key, count(*) FILTER (WHERE value <> 'false'::jsonb) AS members \
+                    FROM snapshot GROUP BY 1) s \
                 ON s.definition_key = d.key \
          LEFT JOIN (SELECT definition_key, count(*) AS pending FROM outbox GROUP BY 1) o \
                 ON o.definition_key = d.key \
@@ -40,7 +48,11 @@ pub async fn load(pool: &PgPool) -> Result<Vec<DefinitionStatus>, sqlx::Error> {
          ORDER BY d.key",
     )
     .fetch_all(pool)
-    .await
+    .await?;
+    for row in &mut rows {
+        row.orphaned = !configured_keys.contains(&row.key);
+    }
+    Ok(rows)
 }
 
 /// Renders the rows as an aligned text table.
@@ -109,6 +121,13 @@ pub fn render(rows: &[DefinitionStatus]) -> String {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
+    for row in rows.iter().filter(|row| row.orphaned) {
+        out.push_str(&format!(
+            "{}: orphaned: no longer in the configuration; its attribute stays on Batch until \
+             `engage-sync retire {}`\n",
+            row.key, row.key
+        ));
+    }
     for row in rows {
         if let (Some(outcome), Some(error)) = (&row.last_outcome, &row.last_error) {
             if outcome != "succeeded" {
@@ -154,6 +173,7 @@ mod tests {
     fn the_table_aligns_and_explains_failures() {
         let row = DefinitionStatus {
             key: "buyers".into(),
+            orphaned: false,
             kind: "audience".into(),
             members: 1200,
             pending: 3,

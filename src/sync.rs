@@ -149,20 +149,29 @@ impl SyncReport {
 
 /// Registers every configured definition (new ones, edited names, queries or schedules).
 pub async fn register_definitions(pool: &PgPool, definitions: &[Definition]) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
     for definition in definitions {
-        sqlx::query(
-            "INSERT INTO definitions (key, kind, name, query, schedule) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (key) DO UPDATE SET kind = EXCLUDED.kind, name = EXCLUDED.name, \
-                 query = EXCLUDED.query, schedule = EXCLUDED.schedule, last_seen_at = now()",
-        )
-        .bind(definition.key.as_str())
-        .bind(definition.kind.as_str())
-        .bind(&definition.name)
-        .bind(&definition.query)
-        .bind(&definition.schedule_expression)
-        .execute(pool)
-        .await?;
+        register_definition(&mut conn, definition).await?;
     }
+    Ok(())
+}
+
+async fn register_definition(
+    conn: &mut sqlx::PgConnection,
+    definition: &Definition,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO definitions (key, kind, name, query, schedule) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (key) DO UPDATE SET kind = EXCLUDED.kind, name = EXCLUDED.name, \
+             query = EXCLUDED.query, schedule = EXCLUDED.schedule, last_seen_at = now()",
+    )
+    .bind(definition.key.as_str())
+    .bind(definition.kind.as_str())
+    .bind(&definition.name)
+    .bind(&definition.query)
+    .bind(&definition.schedule_expression)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -213,7 +222,7 @@ pub async fn sync_once(app: &App, options: &SyncOptions) -> anyhow::Result<SyncR
             )
             .await
         } else {
-            diff_definition(app, definition).await
+            diff_definition(app, definition, PassMode::Diff).await
         };
         outcomes.push(outcome);
     }
@@ -223,32 +232,14 @@ pub async fn sync_once(app: &App, options: &SyncOptions) -> anyhow::Result<SyncR
     let mut delivery = DeliveryTotals::default();
     let mut drain = None;
     if !options.dry_run {
-        let deliverer = Arc::new(Deliverer::new(
-            app.pool.clone(),
-            Arc::clone(&app.client),
-            app.config.delivery.clone(),
-        ));
         let only = (!options.only.is_empty()).then(|| {
             selected
                 .iter()
                 .map(|d| d.key.as_str().to_owned())
                 .collect::<Vec<_>>()
         });
-        let end = match deliverer
-            .drain(only, Instant::now() + app.config.delivery.deadline)
-            .await
-        {
-            Ok(end) => end,
-            Err(failure) => {
-                // The database failed under delivery: close the runs before reporting it.
-                let reason = format!("delivery failed: {failure:#}");
-                let _ = finish_runs(&app.pool, &mut outcomes, &DrainEnd::Fatal { reason }).await;
-                return Err(failure);
-            }
-        };
-        delivery = deliverer.stats.totals();
-        deliver::log_totals(&delivery, delivery_started.elapsed());
-        finish_runs(&app.pool, &mut outcomes, &end).await?;
+        let (totals, end) = deliver_and_close(app, &mut outcomes, only).await?;
+        delivery = totals;
         drain = Some(end);
     }
 
@@ -292,9 +283,18 @@ fn fill(outcome: &mut DefinitionOutcome, stage: &StageReport, diff: &DiffReport)
     outcome.lane = diff.lane.map(|lane| lane.as_str());
 }
 
+/// What a pass does with a definition's staged rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PassMode {
+    /// Send the difference from the snapshot.
+    Diff,
+    /// Send every member again through the bulk lane (`backfill`).
+    Backfill,
+}
+
 /// Stages and diffs one definition in one transaction; the run row is written outside it so a
 /// failure is recorded too.
-async fn diff_definition(app: &App, definition: &Definition) -> DefinitionOutcome {
+async fn diff_definition(app: &App, definition: &Definition, mode: PassMode) -> DefinitionOutcome {
     let key = definition.key.as_str();
     let mut outcome = empty_outcome(key);
     let run_id: i64 =
@@ -315,8 +315,17 @@ async fn diff_definition(app: &App, definition: &Definition) -> DefinitionOutcom
     let result: anyhow::Result<(StageReport, DiffReport)> = async {
         let mut tx = app.pool.begin().await?;
         let stage = source::stage(&mut tx, app.source(), definition).await?;
-        let diff =
-            diff::diff_into_outbox(&mut tx, definition, app.config.delivery.bulk_threshold).await?;
+        let diff = match mode {
+            PassMode::Diff => {
+                diff::diff_into_outbox(&mut tx, definition, app.config.delivery.bulk_threshold)
+                    .await?
+            }
+            PassMode::Backfill => DiffReport {
+                added: diff::enqueue_all_members(&mut tx, definition.key.as_str()).await? as i64,
+                lane: Some(crate::outbox::Lane::Bulk),
+                ..DiffReport::default()
+            },
+        };
         sqlx::query(
             "UPDATE runs SET lane = $2, source_rows = $3, skipped_rows = $4, duplicate_rows = $5, \
                  added = $6, removed = $7, changed = $8 WHERE id = $1",
@@ -397,12 +406,13 @@ async fn dry_run_definition(
     let mut outcome = empty_outcome(key);
     let result: anyhow::Result<(StageReport, DiffReport, Vec<Value>)> = async {
         let mut tx = app.pool.begin().await?;
-        register_definitions_in(&mut tx, definition).await?;
+        // Rolled back with the rest: a dry run leaves no trace.
+        register_definition(&mut tx, definition).await?;
         let stage = source::stage(&mut tx, app.source(), definition).await?;
         let diff =
             diff::diff_into_outbox(&mut tx, definition, app.config.delivery.bulk_threshold).await?;
         let changes: Vec<ClaimedChange> = sqlx::query_as(
-            "SELECT definition_key, custom_id, attribute, value, retain, seq FROM outbox \
+            "SELECT definition_key, custom_id, attribute, value, seq FROM outbox \
              WHERE definition_key = $1 ORDER BY custom_id LIMIT $2",
         )
         .bind(key)
@@ -429,22 +439,125 @@ async fn dry_run_definition(
     outcome
 }
 
-async fn register_definitions_in(
-    conn: &mut sqlx::PgConnection,
-    definition: &Definition,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO definitions (key, kind, name, query, schedule) VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (key) DO NOTHING",
+/// Drains the outbox (for `only`, or everything) and closes each run by what is left.
+async fn deliver_and_close(
+    app: &App,
+    outcomes: &mut [DefinitionOutcome],
+    only: Option<Vec<String>>,
+) -> anyhow::Result<(DeliveryTotals, DrainEnd)> {
+    let started = Instant::now();
+    let deliverer = Arc::new(Deliverer::new(
+        app.pool.clone(),
+        Arc::clone(&app.client),
+        app.config.delivery.clone(),
+    ));
+    let end = match deliverer
+        .drain(only, Instant::now() + app.config.delivery.deadline)
+        .await
+    {
+        Ok(end) => end,
+        Err(failure) => {
+            // The database failed under delivery: close the runs before reporting it.
+            let reason = format!("delivery failed: {failure:#}");
+            let _ = finish_runs(&app.pool, outcomes, &DrainEnd::Fatal { reason }).await;
+            return Err(failure);
+        }
+    };
+    let totals = deliverer.stats.totals();
+    deliver::log_totals(&totals, started.elapsed());
+    finish_runs(&app.pool, outcomes, &end).await?;
+    Ok((totals, end))
+}
+
+/// `backfill KEY`: stage the definition and send every current member again through the bulk
+/// lane (recovery after data loss on Batch's side); non-members get nothing.
+pub async fn backfill(app: &App, key: &str) -> anyhow::Result<SyncReport> {
+    let started = Instant::now();
+    db::ensure_migrated(&app.pool).await?;
+    let definition = select_definitions(&app.config, &[key.to_owned()])?[0];
+    register_definitions(&app.pool, &app.config.definitions).await?;
+    let mut outcomes = vec![diff_definition(app, definition, PassMode::Backfill).await];
+    let diff_elapsed = started.elapsed();
+    let delivery_started = Instant::now();
+    let (delivery, end) = deliver_and_close(app, &mut outcomes, Some(vec![key.to_owned()])).await?;
+    Ok(SyncReport {
+        definitions: outcomes,
+        delivery,
+        drain: Some(end),
+        preview: Vec::new(),
+        elapsed: started.elapsed(),
+        diff_elapsed,
+        delivery_elapsed: delivery_started.elapsed(),
+    })
+}
+
+/// What `retire` did.
+#[derive(Debug, Clone)]
+pub struct RetireReport {
+    /// Profiles that held the attribute (per the snapshot).
+    pub profiles: i64,
+    pub delivery: DeliveryTotals,
+    pub end: DrainEnd,
+}
+
+/// `retire KEY`: deletes a removed definition's attribute (null) from every profile holding it,
+/// then forgets the definition. Refuses a key still in the configuration.
+pub async fn retire(app: &App, key: &str) -> anyhow::Result<RetireReport> {
+    db::ensure_migrated(&app.pool).await?;
+    let key = crate::domain::AttributeKey::parse(key)
+        .map_err(|error| anyhow::anyhow!("{key:?} is not a definition key: it {error}"))?;
+    let key = key.as_str();
+    if app.config.definition(key).is_some() {
+        anyhow::bail!(
+            "{key} is still in the configuration; remove its definition first, then retire it"
+        );
+    }
+    let known: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM definitions WHERE key = $1) \
+             OR EXISTS (SELECT 1 FROM snapshot WHERE definition_key = $1)",
     )
-    .bind(definition.key.as_str())
-    .bind(definition.kind.as_str())
-    .bind(&definition.name)
-    .bind(&definition.query)
-    .bind(&definition.schedule_expression)
-    .execute(conn)
+    .bind(key)
+    .fetch_one(&app.pool)
     .await?;
-    Ok(())
+    if !known {
+        anyhow::bail!("no definition with the key {key} has ever been synced here");
+    }
+    let mut tx = app.pool.begin().await?;
+    let profiles =
+        diff::enqueue_retirement(&mut tx, key, app.config.delivery.bulk_threshold).await?;
+    tx.commit().await?;
+    info!(definition = %key, profiles, "Retiring: deleting the attribute from every profile holding it.");
+
+    let deliverer = Arc::new(Deliverer::new(
+        app.pool.clone(),
+        Arc::clone(&app.client),
+        app.config.delivery.clone(),
+    ));
+    let end = deliverer
+        .drain(
+            Some(vec![key.to_owned()]),
+            Instant::now() + app.config.delivery.deadline,
+        )
+        .await?;
+    if end == DrainEnd::Complete {
+        let mut tx = app.pool.begin().await?;
+        for table in ["snapshot", "rejections", "outbox"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE definition_key = $1"))
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM definitions WHERE key = $1")
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(RetireReport {
+        profiles,
+        delivery: deliverer.stats.totals(),
+        end,
+    })
 }
 
 /// Closes each run by what delivery left of its changes.

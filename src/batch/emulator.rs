@@ -237,6 +237,11 @@ impl Emulator {
         self.shared.lock().recorded.clone()
     }
 
+    /// Forgets every profile, as if Batch lost its data (for backfill tests and trials).
+    pub fn clear_profiles(&self) {
+        self.shared.lock().profiles.clear();
+    }
+
     pub fn clear_recorded(&self) {
         self.shared.lock().recorded.clear();
     }
