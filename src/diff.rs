@@ -136,8 +136,8 @@ async fn choose_lane(
     })
 }
 
-/// Upserts `(custom_id, value)` rows produced by `rows_sql` into the outbox as the desired values
-/// of `key`. Identical pending rows are left alone, so a change already on its way keeps its place.
+/// Upserts `(custom_id, value)` rows produced by `rows_sql` (which may use `$1`, the key) into the
+/// outbox as the desired values of `key`. Identical pending rows are left alone, so a change already on its way keeps its place.
 async fn enqueue(
     conn: &mut PgConnection,
     key: &str,
@@ -161,9 +161,9 @@ async fn enqueue(
 }
 
 /// `backfill`: every staged member is desired again through the bulk lane, whatever the snapshot
-/// says (Batch lost data); non-members get nothing. Returns how many were enqueued.
-pub async fn enqueue_all_members(conn: &mut PgConnection, key: &str) -> Result<u64, sqlx::Error> {
-    // A pending identical value would be skipped by `enqueue`; move those to the bulk lane too.
+/// says (Batch lost data); non-members get nothing.
+pub async fn enqueue_all_members(conn: &mut PgConnection, key: &str) -> Result<(), sqlx::Error> {
+    // `enqueue` leaves identical pending rows alone; they must take the bulk lane too.
     sqlx::query(
         "UPDATE outbox o SET lane = 'bulk' FROM staging s \
          WHERE o.definition_key = $1 AND o.custom_id = s.custom_id AND o.value = s.value",
@@ -171,17 +171,14 @@ pub async fn enqueue_all_members(conn: &mut PgConnection, key: &str) -> Result<u
     .bind(key)
     .execute(&mut *conn)
     .await?;
-    let enqueued = enqueue(
+    enqueue(
         conn,
         key,
         "SELECT custom_id, value FROM staging",
         Lane::Bulk,
     )
     .await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM staging")
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(enqueued.max(total as u64))
+    Ok(())
 }
 
 /// `retire`: every profile holding the definition's attribute gets it deleted (null), through the
@@ -212,10 +209,8 @@ pub async fn enqueue_retirement(
     enqueue(
         conn,
         key,
-        &format!(
-            "SELECT custom_id, 'null'::jsonb FROM snapshot WHERE definition_key = '{}'",
-            key.replace('\'', "''")
-        ),
+        // `$1` is the key, bound by `enqueue`.
+        "SELECT custom_id, 'null'::jsonb FROM snapshot WHERE definition_key = $1",
         lane,
     )
     .await?;

@@ -113,9 +113,7 @@ pub struct SyncReport {
 impl SyncReport {
     /// Every change acknowledged or recorded as rejected, every query ran.
     pub fn is_success(&self) -> bool {
-        self.definitions
-            .iter()
-            .all(|d| matches!(d.outcome, RunOutcome::Succeeded | RunOutcome::DryRun))
+        self.failure_reason().is_none()
     }
 
     /// One line saying why the pass did not succeed.
@@ -143,7 +141,17 @@ impl SyncReport {
                 last_error.as_deref().unwrap_or("none")
             ));
         }
-        None
+        let unfinished: Vec<String> = self
+            .definitions
+            .iter()
+            .filter(|d| !matches!(d.outcome, RunOutcome::Succeeded | RunOutcome::DryRun))
+            .map(|d| {
+                d.error
+                    .clone()
+                    .unwrap_or_else(|| format!("{}: unfinished", d.key))
+            })
+            .collect();
+        (!unfinished.is_empty()).then(|| unfinished.join("; "))
     }
 }
 
@@ -320,11 +328,14 @@ async fn diff_definition(app: &App, definition: &Definition, mode: PassMode) -> 
                 diff::diff_into_outbox(&mut tx, definition, app.config.delivery.bulk_threshold)
                     .await?
             }
-            PassMode::Backfill => DiffReport {
-                added: diff::enqueue_all_members(&mut tx, definition.key.as_str()).await? as i64,
-                lane: Some(crate::outbox::Lane::Bulk),
-                ..DiffReport::default()
-            },
+            PassMode::Backfill => {
+                diff::enqueue_all_members(&mut tx, definition.key.as_str()).await?;
+                DiffReport {
+                    added: stage.staged,
+                    lane: Some(crate::outbox::Lane::Bulk),
+                    ..DiffReport::default()
+                }
+            }
         };
         sqlx::query(
             "UPDATE runs SET lane = $2, source_rows = $3, skipped_rows = $4, duplicate_rows = $5, \
@@ -528,17 +539,8 @@ pub async fn retire(app: &App, key: &str) -> anyhow::Result<RetireReport> {
     tx.commit().await?;
     info!(definition = %key, profiles, "Retiring: deleting the attribute from every profile holding it.");
 
-    let deliverer = Arc::new(Deliverer::new(
-        app.pool.clone(),
-        Arc::clone(&app.client),
-        app.config.delivery.clone(),
-    ));
-    let end = deliverer
-        .drain(
-            Some(vec![key.to_owned()]),
-            Instant::now() + app.config.delivery.deadline,
-        )
-        .await?;
+    // No run rows: a retired definition has no runs left to close.
+    let (delivery, end) = deliver_and_close(app, &mut [], Some(vec![key.to_owned()])).await?;
     if end == DrainEnd::Complete {
         let mut tx = app.pool.begin().await?;
         for table in ["snapshot", "rejections", "outbox"] {
@@ -555,7 +557,7 @@ pub async fn retire(app: &App, key: &str) -> anyhow::Result<RetireReport> {
     }
     Ok(RetireReport {
         profiles,
-        delivery: deliverer.stats.totals(),
+        delivery,
         end,
     })
 }

@@ -220,11 +220,5 @@ async fn a_sync_killed_with_sigkill_mid_delivery_converges_on_rerun() {
 
     let output = run(engage_sync(&config, &["sync"])).await;
     assert!(output.status.success(), "{}", text(&output.stderr));
-    assert_eq!(env.outbox_len().await, 0);
-    assert_eq!(env.emulator.custom_ids_with("members", &json!(true)), next);
-    assert_eq!(
-        env.emulator.custom_ids_with("members", &json!(false)),
-        members
-    );
-    assert_eq!(env.snapshot("members").await, next);
+    env.assert_converged("members", &next, &members).await;
 }

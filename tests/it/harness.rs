@@ -10,7 +10,7 @@ use engage_sync::batch::emulator::{Emulator, EmulatorConfig, RecordedOperation};
 use engage_sync::config::Config;
 use engage_sync::local_pg::{self, PgServer};
 use engage_sync::sync::{sync_once, App, SyncOptions, SyncReport};
-use serde_json::Value;
+use serde_json::{json, Value};
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 
 static SERVER: OnceLock<PgServer> = OnceLock::new();
@@ -135,6 +135,27 @@ claim_lease_seconds = 2
             .fetch_one(&self.pool)
             .await
             .unwrap()
+    }
+
+    /// Waits until the emulator has recorded at least `count` operations (30 s at most).
+    pub async fn wait_for_recorded(&self, count: usize) {
+        let started = tokio::time::Instant::now();
+        while self.emulator.recorded().len() < count {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "delivery never reached {count} operations"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Asserts that Batch and the snapshot hold exactly `members` as `true` and `former` as `false`
+    /// for `key`, with nothing left in the outbox.
+    pub async fn assert_converged(&self, key: &str, members: &[String], former: &[String]) {
+        assert_eq!(self.outbox_len().await, 0, "nothing left to deliver");
+        assert_eq!(self.emulator.custom_ids_with(key, &json!(true)), members);
+        assert_eq!(self.emulator.custom_ids_with(key, &json!(false)), former);
+        assert_eq!(self.snapshot(key).await, members);
     }
 
     /// Operations received since the last call, grouped by custom_id.
