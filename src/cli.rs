@@ -47,6 +47,9 @@ pub enum Command {
     Migrate,
     /// Run every definition (or those named) once: compute changes and deliver them.
     Sync(SyncArgs),
+    /// Run as a daemon: each definition on its schedule, delivery lanes, admin HTTP; stops cleanly
+    /// on SIGINT or SIGTERM.
+    Run,
     /// Show each definition: members, pending changes, rejections, last run, orphaned keys.
     Status,
     /// Send every current member of a definition again through the bulk lane (after data loss on
@@ -131,6 +134,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", render_sync_report(&report, options.dry_run));
             Ok(exit_for(&report))
         }
+        Command::Run => {
+            let app = App::connect(Config::load(&cli.config)?).await?;
+            crate::daemon::run(app, shutdown_signal(), Default::default()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Backfill { key } => {
             let app = App::connect(Config::load(&cli.config)?).await?;
             let report = crate::sync::backfill(&app, &key).await?;
@@ -198,6 +206,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => {
             demo::run(args.users).await?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -40,7 +40,30 @@ pub struct Config {
     pub source: Option<DatabaseSettings>,
     pub batch: BatchSettings,
     pub delivery: DeliverySettings,
+    pub daemon: DaemonSettings,
     pub definitions: Vec<Definition>,
+}
+
+/// How `engage-sync run` behaves.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    /// A random delay up to this long is added to each scheduled tick, so many definitions on the
+    /// same cron do not all query the database at the same second.
+    pub jitter: Duration,
+    /// After SIGINT/SIGTERM, in-flight requests get this long to finish before claims are given back.
+    pub shutdown_grace: Duration,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served; `None` turns the admin server off.
+    pub admin_listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        Self {
+            jitter: Duration::ZERO,
+            shutdown_grace: Duration::from_secs(30),
+            admin_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -113,6 +136,8 @@ pub struct Definition {
     pub query: String,
     pub schedule: cron::Schedule,
     pub schedule_expression: String,
+    /// The time zone the schedule is read in (UTC unless set).
+    pub timezone: chrono_tz::Tz,
     pub send_identify: bool,
     pub send_track: bool,
 }
@@ -142,8 +167,24 @@ struct RawConfig {
     source: Option<RawDatabase>,
     batch: Option<RawBatch>,
     delivery: Option<RawDelivery>,
+    daemon: Option<RawDaemon>,
+    admin: Option<RawAdmin>,
     #[serde(default)]
     audience: Vec<RawDefinition>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    jitter_seconds: Option<u64>,
+    shutdown_grace_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// `host:port`, or `"off"`.
+    listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -184,6 +225,7 @@ struct RawDefinition {
     key: Option<String>,
     query: String,
     schedule: Option<String>,
+    timezone: Option<String>,
     send_identify: Option<bool>,
     send_track: Option<bool>,
 }
@@ -247,6 +289,7 @@ impl Config {
 
         let batch = parse_batch(raw.batch, &env_nonempty, &mut problems);
         let delivery = parse_delivery(raw.delivery, &mut problems);
+        let daemon = parse_daemon(raw.daemon, raw.admin, &mut problems);
         let definitions = parse_definitions(raw.audience, &mut problems);
 
         if problems.is_empty() {
@@ -255,6 +298,7 @@ impl Config {
                 source,
                 batch,
                 delivery,
+                daemon,
                 definitions,
             })
         } else {
@@ -387,6 +431,42 @@ fn parse_delivery(raw: Option<RawDelivery>, problems: &mut Vec<String>) -> Deliv
     settings
 }
 
+fn parse_daemon(
+    daemon: Option<RawDaemon>,
+    admin: Option<RawAdmin>,
+    problems: &mut Vec<String>,
+) -> DaemonSettings {
+    let defaults = DaemonSettings::default();
+    let admin_listen = match admin.and_then(|admin| admin.listen) {
+        None => defaults.admin_listen,
+        Some(listen) if listen == "off" => None,
+        Some(listen) => match listen.parse() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                problems.push(format!(
+                    "[admin] listen {listen:?} is not host:port (for example \"127.0.0.1:9464\") or \"off\""
+                ));
+                None
+            }
+        },
+    };
+    let daemon = daemon.unwrap_or(RawDaemon {
+        jitter_seconds: None,
+        shutdown_grace_seconds: None,
+    });
+    DaemonSettings {
+        jitter: daemon
+            .jitter_seconds
+            .map(Duration::from_secs)
+            .unwrap_or(defaults.jitter),
+        shutdown_grace: daemon
+            .shutdown_grace_seconds
+            .map(Duration::from_secs)
+            .unwrap_or(defaults.shutdown_grace),
+        admin_listen,
+    }
+}
+
 fn parse_definitions(raw: Vec<RawDefinition>, problems: &mut Vec<String>) -> Vec<Definition> {
     let mut definitions = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
@@ -438,6 +518,14 @@ fn parse_definition(
     let schedule_expression = raw.schedule.unwrap_or_else(|| DEFAULT_SCHEDULE.to_owned());
     let schedule = parse_schedule(&schedule_expression)
         .map_err(|error| format!("{label}: schedule {schedule_expression:?} {error}"))?;
+    let timezone = match &raw.timezone {
+        None => chrono_tz::UTC,
+        Some(name) => name.parse::<chrono_tz::Tz>().map_err(|_| {
+            format!(
+                "{label}: timezone {name:?} is not an IANA time zone name such as \"Europe/Paris\""
+            )
+        })?,
+    };
     let send_identify = raw.send_identify.unwrap_or(true);
     let send_track = raw.send_track.unwrap_or(false);
     if send_track {
@@ -457,6 +545,7 @@ fn parse_definition(
         query,
         schedule,
         schedule_expression,
+        timezone,
         send_identify,
         send_track,
     })
@@ -616,6 +705,25 @@ schedule = "every hour"
         assert!(problems[2].contains("\"Buyers!\""));
         assert!(problems[3].contains("Other Buyers") && problems[3].contains("already used"));
         assert!(problems[4].contains("Hourly") && problems[4].contains("fields"));
+    }
+
+    #[test]
+    fn daemon_settings_and_time_zones_are_checked() {
+        let config = parse(&format!(
+            "{MINIMAL}\n[admin]\nlisten = \"off\"\n[daemon]\njitter_seconds = 5\n\
+             [[audience]]\nname = \"A\"\nquery = \"SELECT 1\"\ntimezone = \"Europe/Paris\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.daemon.admin_listen, None);
+        assert_eq!(config.daemon.jitter, Duration::from_secs(5));
+        assert_eq!(config.definitions[0].timezone, chrono_tz::Europe::Paris);
+        let problems = problems(&format!(
+            "{MINIMAL}\n[admin]\nlisten = \"nowhere\"\n\
+             [[audience]]\nname = \"A\"\nquery = \"SELECT 1\"\ntimezone = \"Mars/Olympus\"\n"
+        ));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("[admin] listen"));
+        assert!(problems[1].contains("Mars/Olympus"));
     }
 
     #[test]

@@ -184,13 +184,31 @@ pub struct Deliverer {
     pub stop: StopSignal,
     fatal: Mutex<Option<String>>,
     last_error: Mutex<Option<String>>,
-    progress: Mutex<Option<Arc<Progress>>>,
+    progress: Mutex<Arc<Progress>>,
+    /// Prefix of this deliverer's claim tokens.
+    instance: String,
+    next_claim: AtomicU64,
+    /// Wakes idle workers of a long-running deliverer when a diff enqueued changes.
+    work_arrived: Notify,
 }
 
 enum StepEnd {
     Done,
     Stop,
 }
+
+/// How long a worker keeps going.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    /// Until its lane is empty (for the drained definitions) or the deadline passes: `sync`.
+    Drained { deadline: Instant },
+    /// Until a stop; each claim gets the delivery deadline of its own: the daemon.
+    Stopped,
+}
+
+/// How long an idle worker of a long-running deliverer waits before looking again; a diff wakes
+/// it sooner. Also bounds how long rows of a crashed replica wait after their lease expires.
+const IDLE_POLL: Duration = Duration::from_secs(1);
 
 impl Deliverer {
     pub fn new(pool: PgPool, client: Arc<BatchClient>, settings: DeliverySettings) -> Self {
@@ -208,7 +226,82 @@ impl Deliverer {
             stop: StopSignal::default(),
             fatal: Mutex::new(None),
             last_error: Mutex::new(None),
-            progress: Mutex::new(None),
+            progress: Mutex::new(Arc::new(Progress::new(Vec::new(), false))),
+            instance: outbox::new_instance_id(),
+            next_claim: AtomicU64::new(0),
+            work_arrived: Notify::new(),
+        }
+    }
+
+    /// The progress of what is being delivered (for logs and metrics).
+    pub fn progress(&self) -> Arc<Progress> {
+        Arc::clone(&self.progress.lock().expect("not poisoned"))
+    }
+
+    /// Tells idle workers that new changes wait in the outbox.
+    pub fn wake(&self) {
+        self.work_arrived.notify_waiters();
+    }
+
+    /// Why delivery stopped for good (keys refused, wrong address), if it did.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.fatal.lock().expect("not poisoned").clone()
+    }
+
+    /// Gives back every claim this deliverer holds (after its workers were aborted).
+    pub async fn release_claims(&self) -> Result<u64, sqlx::Error> {
+        outbox::release_instance(&self.pool, &self.instance).await
+    }
+
+    fn claim_token(&self) -> String {
+        format!(
+            "{}-{}",
+            self.instance,
+            self.next_claim.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Runs the lane workers until [`StopSignal::stop`], then gives back every claim still held.
+    /// Returns an error when Batch refused the credentials or a database call failed.
+    pub async fn run_until_stopped(self: &Arc<Self>) -> anyhow::Result<()> {
+        let result = self.run_workers(None, Until::Stopped).await;
+        outbox::release_instance(&self.pool, &self.instance).await?;
+        result?;
+        match self.fatal_error() {
+            Some(reason) => Err(anyhow::anyhow!(reason)),
+            None => Ok(()),
+        }
+    }
+
+    async fn run_workers(
+        self: &Arc<Self>,
+        only: Option<Arc<Vec<String>>>,
+        until: Until,
+    ) -> anyhow::Result<()> {
+        let mut workers = tokio::task::JoinSet::new();
+        for lane in Lane::ALL {
+            for _ in 0..self.settings.workers {
+                let this = Arc::clone(self);
+                let only = only.clone();
+                workers.spawn(async move {
+                    this.work_lane(lane, only.as_deref().map(Vec::as_slice), until)
+                        .await
+                });
+            }
+        }
+        let mut first_error = None;
+        while let Some(joined) = workers.join_next().await {
+            let failure = match joined {
+                Ok(Ok(())) => continue,
+                Ok(Err(error)) => error,
+                Err(join_error) => anyhow::anyhow!("a delivery worker failed: {join_error}"),
+            };
+            self.stop.stop();
+            first_error.get_or_insert(failure);
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
         }
     }
 
@@ -229,7 +322,7 @@ impl Deliverer {
         let only = only.map(Arc::new);
         let progress =
             Arc::new(Progress::load(&self.pool, only.as_deref().map(Vec::as_slice)).await?);
-        *self.progress.lock().expect("not poisoned") = Some(Arc::clone(&progress));
+        *self.progress.lock().expect("not poisoned") = Arc::clone(&progress);
         let reporter = {
             let progress = Arc::clone(&progress);
             tokio::spawn(async move {
@@ -241,37 +334,12 @@ impl Deliverer {
                 }
             })
         };
-        let mut workers = tokio::task::JoinSet::new();
-        for lane in Lane::ALL {
-            for _ in 0..self.settings.workers {
-                let this = Arc::clone(self);
-                let only = only.clone();
-                workers.spawn(async move {
-                    this.work_lane(lane, only.as_deref().map(Vec::as_slice), deadline)
-                        .await
-                });
-            }
-        }
-        let mut first_error = None;
-        while let Some(joined) = workers.join_next().await {
-            match joined {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    self.stop.stop();
-                    first_error.get_or_insert(error);
-                }
-                Err(join_error) => {
-                    self.stop.stop();
-                    first_error
-                        .get_or_insert(anyhow::anyhow!("a delivery worker failed: {join_error}"));
-                }
-            }
-        }
+        let result = self
+            .run_workers(only.clone(), Until::Drained { deadline })
+            .await;
         reporter.abort();
         progress.finish();
-        if let Some(error) = first_error {
-            return Err(error);
-        }
+        result?;
         if let Some(reason) = self.fatal.lock().expect("not poisoned").clone() {
             return Ok(DrainEnd::Fatal { reason });
         }
@@ -290,35 +358,53 @@ impl Deliverer {
         &self,
         lane: Lane,
         only: Option<&[String]>,
-        deadline: Instant,
+        until: Until,
     ) -> anyhow::Result<()> {
         // While other workers (or a dead process whose lease has not expired) hold the last rows,
-        // wait for them rather than declaring the lane done.
-        let idle_wait = Duration::from_millis(200).min(self.settings.claim_lease);
-        while !self.stop.is_stopped() && Instant::now() < deadline {
+        // a draining worker waits for them rather than declaring the lane done.
+        let drain_wait = Duration::from_millis(200).min(self.settings.claim_lease);
+        loop {
+            let deadline = match until {
+                Until::Drained { deadline } => deadline,
+                Until::Stopped => Instant::now() + self.settings.deadline,
+            };
+            if self.stop.is_stopped() || Instant::now() >= deadline {
+                return Ok(());
+            }
             let claim = outbox::claim(
                 &self.pool,
                 lane,
                 lane.max_operations(),
                 only,
                 self.settings.claim_lease,
+                self.claim_token(),
             )
             .await?;
             if claim.changes.is_empty() {
-                if !outbox::has_pending_in_lane(&self.pool, lane, only).await? {
-                    return Ok(());
+                match until {
+                    Until::Drained { .. } => {
+                        if !outbox::has_pending_in_lane(&self.pool, lane, only).await? {
+                            return Ok(());
+                        }
+                        self.stop.sleep(drain_wait).await;
+                    }
+                    Until::Stopped => {
+                        let arrived = self.work_arrived.notified();
+                        tokio::select! {
+                            _ = arrived => {}
+                            _ = self.stop.sleep(IDLE_POLL) => {}
+                        }
+                    }
                 }
-                self.stop.sleep(idle_wait).await;
                 continue;
             }
             let end = self.deliver_claim(lane, &claim, deadline).await;
             // Whatever this claim did not settle goes back at once, not after the lease.
             outbox::release_claim(&self.pool, &claim.token, None).await?;
             if let StepEnd::Stop = end? {
-                break;
+                return Ok(());
             }
         }
-        Ok(())
     }
 
     async fn deliver_claim(
@@ -347,7 +433,11 @@ impl Deliverer {
                 if self.stop.is_stopped() || Instant::now() >= deadline {
                     return Ok(StepEnd::Stop);
                 }
-                self.limiter(lane).acquire(operations.len()).await;
+                // A stop must not wait for a rate budget that may be seconds away.
+                tokio::select! {
+                    _ = self.limiter(lane).acquire(operations.len()) => {}
+                    _ = self.stop.sleep(Duration::MAX) => return Ok(StepEnd::Stop),
+                }
                 let outcome = self.client.send(lane.endpoint(), &operations).await;
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 match outcome {
@@ -509,9 +599,7 @@ impl Deliverer {
     }
 
     fn record_progress<'a>(&self, settled: impl Iterator<Item = &'a ClaimedChange>) {
-        let Some(progress) = self.progress.lock().expect("not poisoned").clone() else {
-            return;
-        };
+        let progress = self.progress();
         let mut per_definition: BTreeMap<&str, u64> = BTreeMap::new();
         for change in settled {
             *per_definition

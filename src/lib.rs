@@ -3,9 +3,11 @@
 //! The data path is `config` → `source` (staging) → `diff` (outbox) → `deliver` (Batch) → snapshot.
 //! See `docs/ARCHITECTURE.md` for the whole picture and the invariant that makes it crash-safe.
 
+pub mod admin;
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod db;
 pub mod deliver;
 pub mod demo;

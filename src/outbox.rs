@@ -67,8 +67,10 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
 }
 
-pub fn new_claim_token() -> String {
-    format!("{}-{:016x}", std::process::id(), fastrand::u64(..))
+/// A random id for one process's claims: every claim token starts with it, so a process can give
+/// back all it holds on shutdown.
+pub fn new_instance_id() -> String {
+    format!("{:016x}", fastrand::u64(..))
 }
 
 /// Claims the oldest unclaimed changes of a lane: up to `max_users` users and, for each of them,
@@ -79,8 +81,8 @@ pub async fn claim(
     max_users: usize,
     only: Option<&[String]>,
     lease: Duration,
+    token: String,
 ) -> Result<Claim, sqlx::Error> {
-    let token = new_claim_token();
     let mut attempt = 0;
     loop {
         match try_claim(pool, lane, max_users, only, lease, &token).await {
@@ -167,6 +169,18 @@ pub async fn release_claim(
     )
     .bind(token)
     .bind(last_error)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Gives back every claim of a process (tokens `{instance}-…`), on shutdown.
+pub async fn release_instance(pool: &PgPool, instance: &str) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL \
+         WHERE claimed_by LIKE $1 || '-%'",
+    )
+    .bind(instance)
     .execute(pool)
     .await?
     .rows_affected())

@@ -14,13 +14,13 @@ use tracing::info;
 pub const LOG_EVERY: Duration = Duration::from_secs(5);
 
 struct Counts {
+    started: Instant,
     total: u64,
     done: u64,
     bar: Option<ProgressBar>,
 }
 
 pub struct Progress {
-    started: Instant,
     definitions: Mutex<BTreeMap<String, Counts>>,
     /// Bars replace the periodic log lines on a terminal.
     drawing: bool,
@@ -58,6 +58,7 @@ impl Progress {
                 (
                     key,
                     Counts {
+                        started: Instant::now(),
                         total: total as u64,
                         done: 0,
                         bar,
@@ -66,11 +67,28 @@ impl Progress {
             })
             .collect();
         Self {
-            started: Instant::now(),
             definitions: Mutex::new(definitions),
             drawing: bars.is_some(),
             _bars: bars,
         }
+    }
+
+    /// Starts (or restarts) following a definition with `total` changes to deliver.
+    pub fn track(&self, key: &str, total: u64) {
+        self.definitions.lock().expect("not poisoned").insert(
+            key.to_owned(),
+            Counts {
+                started: Instant::now(),
+                total,
+                done: 0,
+                bar: None,
+            },
+        );
+    }
+
+    /// Stops following a definition.
+    pub fn forget(&self, key: &str) {
+        self.definitions.lock().expect("not poisoned").remove(key);
     }
 
     /// Counts changes settled (acknowledged or rejected) for a definition.
@@ -94,17 +112,27 @@ impl Progress {
             .collect()
     }
 
+    /// Seconds each definition has been followed, for rates.
+    fn elapsed(&self, key: &str) -> f64 {
+        self.definitions
+            .lock()
+            .expect("not poisoned")
+            .get(key)
+            .map(|counts| counts.started.elapsed().as_secs_f64())
+            .unwrap_or(0.0)
+            .max(0.001)
+    }
+
     /// Logs one line per definition still in progress (not when bars are drawn).
     pub fn log(&self) {
         if self.drawing {
             return;
         }
-        let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
         for (key, done, total) in self.snapshot() {
             if done >= total {
                 continue;
             }
-            let rate = done as f64 / elapsed;
+            let rate = done as f64 / self.elapsed(&key);
             let eta = if rate > 0.0 {
                 format!("{:.0}s", (total - done) as f64 / rate)
             } else {

@@ -293,7 +293,7 @@ fn fill(outcome: &mut DefinitionOutcome, stage: &StageReport, diff: &DiffReport)
 
 /// What a pass does with a definition's staged rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PassMode {
+pub(crate) enum PassMode {
     /// Send the difference from the snapshot.
     Diff,
     /// Send every member again through the bulk lane (`backfill`).
@@ -302,7 +302,11 @@ enum PassMode {
 
 /// Stages and diffs one definition in one transaction; the run row is written outside it so a
 /// failure is recorded too.
-async fn diff_definition(app: &App, definition: &Definition, mode: PassMode) -> DefinitionOutcome {
+pub(crate) async fn diff_definition(
+    app: &App,
+    definition: &Definition,
+    mode: PassMode,
+) -> DefinitionOutcome {
     let key = definition.key.as_str();
     let mut outcome = empty_outcome(key);
     let run_id: i64 =
@@ -563,7 +567,7 @@ pub async fn retire(app: &App, key: &str) -> anyhow::Result<RetireReport> {
 }
 
 /// Closes each run by what delivery left of its changes.
-async fn finish_runs(
+pub(crate) async fn finish_runs(
     pool: &PgPool,
     outcomes: &mut [DefinitionOutcome],
     end: &DrainEnd,

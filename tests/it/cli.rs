@@ -222,3 +222,58 @@ async fn a_sync_killed_with_sigkill_mid_delivery_converges_on_rerun() {
     assert!(output.status.success(), "{}", text(&output.stderr));
     env.assert_converged("members", &next, &members).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_stops_on_sigterm_within_the_grace_period_and_loses_nothing() {
+    let mut env = TestEnv::new().await;
+    env.delivery = "bulk_rate_per_second = 8000\n[daemon]\nshutdown_grace_seconds = 5".into();
+    let members = ids("u", 0..40_000);
+    env.set_members("m", &members).await;
+    let config = config_file(
+        &env,
+        &crate::harness::scheduled_audience("Members", "m", "* * * * * *"),
+    );
+    let mut child = engage_sync(&config, &["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    env.wait_for_recorded(10_000).await;
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let signalled = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = child.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        (status, stderr)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "exit 0 on SIGTERM: {}", status.1);
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "stopped within the grace period"
+    );
+    assert!(status.1.contains("Shutting down"), "{}", status.1);
+    let claimed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE claimed_by IS NOT NULL")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(claimed, 0, "claims were given back");
+    let runs: Vec<String> = sqlx::query_scalar("SELECT outcome FROM runs")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert!(
+        runs.iter().all(|outcome| outcome != "running"),
+        "runs were closed: {runs:?}"
+    );
+
+    let output = run(engage_sync(&config, &["sync"])).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    env.assert_converged("members", &members, &[]).await;
+}

@@ -76,6 +76,8 @@ api_version = "2.11"
 project_key = "{}"
 rest_api_key = "{}"
 request_timeout_seconds = 5
+[admin]
+listen = "127.0.0.1:0"
 [delivery]
 retry_base_ms = 20
 retry_cap_seconds = 1
@@ -166,10 +168,56 @@ claim_lease_seconds = 2
     }
 }
 
+/// A daemon running in the test's runtime.
+pub struct RunningDaemon {
+    pub admin: Option<std::net::SocketAddr>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningDaemon {
+    pub async fn start(app: App) -> Self {
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready, admin) = tokio::sync::oneshot::channel();
+        let options = engage_sync::daemon::DaemonOptions {
+            on_ready: Some(ready),
+        };
+        let task = tokio::spawn(engage_sync::daemon::run(
+            app,
+            async move {
+                let _ = stopped.await;
+            },
+            options,
+        ));
+        let admin = admin.await.expect("the daemon starts");
+        Self {
+            admin,
+            shutdown: Some(shutdown),
+            task,
+        }
+    }
+
+    /// Asks for a graceful shutdown and waits for it.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        (&mut self.task).await.expect("the daemon task")
+    }
+}
+
 /// A definition block for an audience reading `memberships`.
 pub fn audience(name: &str, source_audience: &str) -> String {
     format!(
         "[[audience]]\nname = \"{name}\"\nquery = \"SELECT user_id FROM memberships WHERE audience = '{source_audience}'\"\n"
+    )
+}
+
+/// The same, run on `schedule`.
+pub fn scheduled_audience(name: &str, source_audience: &str, schedule: &str) -> String {
+    format!(
+        "{}schedule = \"{schedule}\"\n",
+        audience(name, source_audience)
     )
 }
 

@@ -4,6 +4,7 @@
 mod harness;
 
 mod cli;
+mod daemon;
 mod delivery;
 mod lifecycle;
 mod sync;
