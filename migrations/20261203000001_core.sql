@@ -49,11 +49,13 @@ CREATE TABLE outbox (
     attempts       integer NOT NULL DEFAULT 0,
     last_error     text,
     PRIMARY KEY (definition_key, custom_id)
-);
+)
+-- Claiming and unclaiming touch only unindexed columns; free room in each page lets those
+-- updates stay HOT (no index writes), which is most of the cost of a 10,000-row claim.
+WITH (fillfactor = 70);
 ALTER SEQUENCE outbox_seq OWNED BY outbox.seq;
 CREATE INDEX outbox_by_lane ON outbox (lane, seq);
 CREATE INDEX outbox_by_user ON outbox (custom_id);
-CREATE INDEX outbox_by_claim ON outbox (claimed_by) WHERE claimed_by IS NOT NULL;
 
 -- Per (definition, user): the latest value Batch refused, and why. The diff does not send that
 -- value again; a different value, or an acknowledgement, clears the row.

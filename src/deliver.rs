@@ -193,7 +193,11 @@ pub struct Deliverer {
 }
 
 enum StepEnd {
+    /// Every claimed row was settled.
     Done,
+    /// Some rows were left unsent (their lease ran out and another worker took them).
+    Partial,
+    /// A stop or the deadline came first.
     Stop,
 }
 
@@ -398,11 +402,21 @@ impl Deliverer {
                 }
                 continue;
             }
-            let end = self.deliver_claim(lane, &claim, deadline).await;
-            // Whatever this claim did not settle goes back at once, not after the lease.
-            outbox::release_claim(&self.pool, &claim.token, None).await?;
-            if let StepEnd::Stop = end? {
-                return Ok(());
+            match self.deliver_claim(lane, &claim, deadline).await {
+                // Every row was settled (settling unclaims rows replaced meanwhile).
+                Ok(StepEnd::Done) => {}
+                Ok(StepEnd::Partial) => {
+                    outbox::release_claim(&self.pool, &claim, None).await?;
+                }
+                Ok(StepEnd::Stop) => {
+                    // What this claim did not settle goes back at once, not after the lease.
+                    outbox::release_claim(&self.pool, &claim, None).await?;
+                    return Ok(());
+                }
+                Err(failure) => {
+                    let _ = outbox::release_claim(&self.pool, &claim, None).await;
+                    return Err(failure);
+                }
             }
         }
     }
@@ -423,20 +437,45 @@ impl Deliverer {
             base: self.settings.retry_base,
             cap: self.settings.retry_cap,
         };
+        let lease = self.settings.claim_lease;
+        let mut lease_until = claim.claimed_at + lease;
+        let mut end = StepEnd::Done;
         while let Some(part) = stack.pop() {
             let operations: Vec<Operation> = part
                 .iter()
                 .map(|planned| planned.operation.clone())
+                .collect();
+            // The budget is spent once per call: a call Batch refused with 429 or 5xx did not
+            // count against its limit, and its retries are spaced by the backoff instead.
+            tokio::select! {
+                _ = self.limiter(lane).acquire(operations.len()) => {}
+                // A stop must not wait for a rate budget that may be seconds away.
+                _ = self.stop.sleep(Duration::MAX) => return Ok(StepEnd::Stop),
+            }
+            let part_changes: Vec<&ClaimedChange> = part
+                .iter()
+                .flat_map(|planned| planned.changes.iter().map(|&index| &claim.changes[index]))
                 .collect();
             let mut attempt: u32 = 0;
             loop {
                 if self.stop.is_stopped() || Instant::now() >= deadline {
                     return Ok(StepEnd::Stop);
                 }
-                // A stop must not wait for a rate budget that may be seconds away.
-                tokio::select! {
-                    _ = self.limiter(lane).acquire(operations.len()) => {}
-                    _ = self.stop.sleep(Duration::MAX) => return Ok(StepEnd::Stop),
+                // Waiting for the budget (or a retry) may have eaten the lease: renew it before
+                // sending, and never send rows another worker has taken over meanwhile.
+                if lease_until.saturating_duration_since(Instant::now()) < lease / 2 {
+                    let held =
+                        outbox::extend_claim(&self.pool, &claim.token, &part_changes, lease, None)
+                            .await?;
+                    lease_until = Instant::now() + lease;
+                    if held < part_changes.len() as u64 {
+                        warn!(
+                            lost = part_changes.len() as u64 - held,
+                            "A claim's lease ran out before its call; leaving its rows to the worker that took them."
+                        );
+                        end = StepEnd::Partial;
+                        break;
+                    }
                 }
                 let outcome = self.client.send(lane.endpoint(), &operations).await;
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -491,7 +530,7 @@ impl Deliverer {
                             .expect("not poisoned")
                             .get_or_insert(reason.clone());
                         self.stop.stop();
-                        outbox::release_claim(&self.pool, &claim.token, Some(&reason)).await?;
+                        outbox::release_claim(&self.pool, claim, Some(&reason)).await?;
                         return Ok(StepEnd::Stop);
                     }
                     Outcome::Retryable {
@@ -513,10 +552,12 @@ impl Deliverer {
                         outbox::extend_claim(
                             &self.pool,
                             &claim.token,
-                            self.settings.claim_lease + wait,
-                            &reason,
+                            &part_changes,
+                            lease + wait,
+                            Some(&reason),
                         )
                         .await?;
+                        lease_until = Instant::now() + lease + wait;
                         let wait = wait.min(deadline.saturating_duration_since(Instant::now()));
                         if !self.stop.sleep(wait).await {
                             return Ok(StepEnd::Stop);
@@ -525,7 +566,7 @@ impl Deliverer {
                 }
             }
         }
-        Ok(StepEnd::Done)
+        Ok(end)
     }
 
     async fn settle_accepted(

@@ -57,6 +57,18 @@ pub struct ClaimedChange {
 pub struct Claim {
     pub token: String,
     pub changes: Vec<ClaimedChange>,
+    /// Taken just before the claim was made: its lease runs from at latest here.
+    pub claimed_at: std::time::Instant,
+}
+
+impl Claim {
+    /// The (definition keys, custom ids) of the claimed rows, as two arrays for `unnest`.
+    fn keys(&self) -> (Vec<&str>, Vec<&str>) {
+        self.changes
+            .iter()
+            .map(|change| (change.definition_key.as_str(), change.custom_id.as_str()))
+            .unzip()
+    }
 }
 
 /// First key of the advisory locks that serialise claims (the second is the lane).
@@ -85,8 +97,15 @@ pub async fn claim(
 ) -> Result<Claim, sqlx::Error> {
     let mut attempt = 0;
     loop {
+        let claimed_at = std::time::Instant::now();
         match try_claim(pool, lane, max_users, only, lease, &token).await {
-            Ok(changes) => return Ok(Claim { token, changes }),
+            Ok(changes) => {
+                return Ok(Claim {
+                    token,
+                    changes,
+                    claimed_at,
+                })
+            }
             // A diff upserting the same rows can deadlock with a claim; the loser tries again.
             Err(error) if is_transient(&error) && attempt < 5 => attempt += 1,
             Err(error) => return Err(error),
@@ -111,23 +130,35 @@ async fn try_claim(
         .bind(lane as i32)
         .execute(&mut *tx)
         .await?;
+    // Two steps, each with one obvious plan (the (lane, seq) index, then the custom_id index), so
+    // stale statistics after a million-row diff cannot turn the claim into a nested loop.
+    let picked: Vec<String> = sqlx::query_scalar(
+        "SELECT custom_id FROM outbox \
+         WHERE lane = $1 AND (claimed_until IS NULL OR claimed_until < now()) \
+           AND ($3::text[] IS NULL OR definition_key = ANY($3)) \
+         ORDER BY seq LIMIT $2 \
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(lane.as_str())
+    .bind(max_users as i64)
+    .bind(only)
+    .fetch_all(&mut *tx)
+    .await?;
+    if picked.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
     let changes = sqlx::query_as::<_, ClaimedChange>(
-        "WITH picked AS ( \
-             SELECT custom_id FROM outbox \
-             WHERE lane = $1 AND (claimed_until IS NULL OR claimed_until < now()) \
-               AND ($4::text[] IS NULL OR definition_key = ANY($4)) \
-             ORDER BY seq LIMIT $2 \
-             FOR UPDATE SKIP LOCKED) \
-         UPDATE outbox o SET claimed_by = $3, \
+        "UPDATE outbox o SET claimed_by = $3, \
                 claimed_until = now() + make_interval(secs => $5), \
                 attempts = o.attempts + 1 \
-         WHERE o.custom_id IN (SELECT custom_id FROM picked) AND o.lane = $1 \
+         WHERE o.custom_id = ANY($2) AND o.lane = $1 \
            AND (o.claimed_until IS NULL OR o.claimed_until < now()) \
            AND ($4::text[] IS NULL OR o.definition_key = ANY($4)) \
          RETURNING o.definition_key, o.custom_id, o.attribute, o.value, o.seq",
     )
     .bind(lane.as_str())
-    .bind(max_users as i64)
+    .bind(&picked)
     .bind(token)
     .bind(only)
     .bind(lease.as_secs_f64())
@@ -137,44 +168,60 @@ async fn try_claim(
     Ok(changes)
 }
 
-/// Keeps a claim alive while its request is retried, and notes why it is still pending.
+/// Keeps claimed rows alive (before a call, and while it is retried), noting why they are still
+/// pending when retried. Returns how many of them this claim still held: fewer means another
+/// worker took some after the lease ran out, and they are theirs to send now.
+/// Rows are found by key: `claimed_by` carries no index, so that claiming stays a HOT update.
 pub async fn extend_claim(
     pool: &PgPool,
     token: &str,
+    changes: &[&ClaimedChange],
     lease: Duration,
-    last_error: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE outbox SET claimed_until = now() + make_interval(secs => $2), last_error = $3 \
-         WHERE claimed_by = $1",
-    )
-    .bind(token)
-    .bind(lease.as_secs_f64())
-    .bind(last_error)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Gives back whatever the claim still holds, so the next worker or run can take it at once.
-pub async fn release_claim(
-    pool: &PgPool,
-    token: &str,
     last_error: Option<&str>,
 ) -> Result<u64, sqlx::Error> {
+    let (keys, ids): (Vec<&str>, Vec<&str>) = changes
+        .iter()
+        .map(|change| (change.definition_key.as_str(), change.custom_id.as_str()))
+        .unzip();
     Ok(sqlx::query(
-        "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL, \
-                last_error = coalesce($2, last_error) \
-         WHERE claimed_by = $1",
+        "UPDATE outbox o SET claimed_until = now() + make_interval(secs => $4), \
+                last_error = coalesce($5, o.last_error) \
+         FROM unnest($1::text[], $2::text[]) AS a(k, u) \
+         WHERE o.definition_key = a.k AND o.custom_id = a.u AND o.claimed_by = $3",
     )
+    .bind(keys)
+    .bind(ids)
     .bind(token)
+    .bind(lease.as_secs_f64())
     .bind(last_error)
     .execute(pool)
     .await?
     .rows_affected())
 }
 
-/// Gives back every claim of a process (tokens `{instance}-…`), on shutdown.
+/// Gives back whatever the claim still holds, so the next worker or run can take it at once.
+pub async fn release_claim(
+    pool: &PgPool,
+    claim: &Claim,
+    last_error: Option<&str>,
+) -> Result<u64, sqlx::Error> {
+    let (keys, ids) = claim.keys();
+    Ok(sqlx::query(
+        "UPDATE outbox o SET claimed_by = NULL, claimed_until = NULL, \
+                last_error = coalesce($4, o.last_error) \
+         FROM unnest($1::text[], $2::text[]) AS a(k, u) \
+         WHERE o.definition_key = a.k AND o.custom_id = a.u AND o.claimed_by = $3",
+    )
+    .bind(keys)
+    .bind(ids)
+    .bind(&claim.token)
+    .bind(last_error)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Gives back every claim of a process (tokens `{instance}-…`), on shutdown. A full scan: rare.
 pub async fn release_instance(pool: &PgPool, instance: &str) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
         "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL \
