@@ -42,10 +42,11 @@ impl Progress {
 
     pub fn new(totals: Vec<(String, i64)>, draw_bars: bool) -> Self {
         let bars = draw_bars.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        let style =
-            ProgressStyle::with_template("{prefix:30} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
-                .expect("valid template")
-                .progress_chars("=> ");
+        let style = ProgressStyle::with_template(
+            "{prefix:30} [{bar:30}] {human_pos}/{human_len}, {elapsed} elapsed, ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> ");
         let definitions = totals
             .into_iter()
             .map(|(key, total)| {
