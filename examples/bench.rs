@@ -14,7 +14,7 @@ use engage_sync::batch::limits::MASS_UPDATE_RATE_PER_SECOND;
 use engage_sync::config::Config;
 use engage_sync::local_pg;
 use engage_sync::sync::{sync_once, App, SyncOptions};
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::Executor;
 
 const DATABASE: &str = "engage_sync_bench";
 
@@ -33,14 +33,7 @@ async fn main() -> anyhow::Result<()> {
 async fn initial_sync(users: u64) -> anyhow::Result<()> {
     let mut server = tokio::task::spawn_blocking(local_pg::locate_or_start).await??;
     eprintln!("PostgreSQL: {}", server.origin);
-    let mut admin = PgConnection::connect(&server.url_for("postgres")).await?;
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)").as_str())
-        .await?;
-    admin
-        .execute(format!("CREATE DATABASE {DATABASE}").as_str())
-        .await?;
-    admin.close().await?;
+    let database_url = server.recreate_database(DATABASE).await?;
 
     let emulator = Emulator::start(
         EmulatorConfig {
@@ -56,7 +49,7 @@ async fn initial_sync(users: u64) -> anyhow::Result<()> {
             "[database]\nurl = \"{}\"\n[batch]\napi_url = \"{}\"\nproject_key = \"{}\"\nrest_api_key = \"{}\"\n\
              [admin]\nlisten = \"off\"\n{}\
              [[audience]]\nname = \"Bench Members\"\nquery = \"SELECT user_id FROM bench_members\"\n",
-            server.url_for(DATABASE),
+            database_url,
             emulator.url(),
             emulator_config.project_key,
             emulator_config.rest_api_key,
@@ -135,10 +128,7 @@ async fn initial_sync(users: u64) -> anyhow::Result<()> {
     );
 
     app.pool.close().await;
-    let mut admin = PgConnection::connect(&server.url_for("postgres")).await?;
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)").as_str())
-        .await?;
+    server.drop_database(DATABASE).await?;
     server.stop();
     Ok(())
 }

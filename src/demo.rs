@@ -6,9 +6,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Context;
 use serde_json::json;
-use sqlx::{Connection, Executor, PgConnection, PgPool};
+use sqlx::{Executor, PgPool};
 
 use crate::batch::emulator::{Emulator, EmulatorConfig};
 use crate::config::Config;
@@ -70,17 +69,7 @@ pub async fn run(users: u32) -> anyhow::Result<()> {
 }
 
 async fn run_on(server: &local_pg::PgServer, users: u32) -> anyhow::Result<()> {
-    let mut admin = PgConnection::connect(&server.url_for("postgres"))
-        .await
-        .context("connecting to PostgreSQL to create the demo database")?;
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {DEMO_DATABASE} WITH (FORCE)").as_str())
-        .await?;
-    admin
-        .execute(format!("CREATE DATABASE {DEMO_DATABASE}").as_str())
-        .await?;
-    admin.close().await?;
-    let database_url = server.url_for(DEMO_DATABASE);
+    let database_url = server.recreate_database(DEMO_DATABASE).await?;
 
     let emulator_config = EmulatorConfig::default();
     let emulator = Emulator::start(

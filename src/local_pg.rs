@@ -26,6 +26,40 @@ impl PgServer {
         format!("{}/{database}", self.base_url)
     }
 
+    /// Drops `database` if it exists and creates it empty; returns its URL. For scratch databases
+    /// (demo, benchmarks): `database` must be a plain identifier.
+    pub async fn recreate_database(&self, database: &str) -> anyhow::Result<String> {
+        use sqlx::{Connection, Executor};
+        anyhow::ensure!(
+            database
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{database:?} is not a plain database name"
+        );
+        let mut admin = sqlx::PgConnection::connect(&self.url_for("postgres"))
+            .await
+            .with_context(|| format!("connecting to {} to create {database}", self.origin))?;
+        admin
+            .execute(format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)").as_str())
+            .await?;
+        admin
+            .execute(format!("CREATE DATABASE {database}").as_str())
+            .await?;
+        admin.close().await?;
+        Ok(self.url_for(database))
+    }
+
+    /// Drops `database` if it exists.
+    pub async fn drop_database(&self, database: &str) -> anyhow::Result<()> {
+        use sqlx::{Connection, Executor};
+        let mut admin = sqlx::PgConnection::connect(&self.url_for("postgres")).await?;
+        admin
+            .execute(format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)").as_str())
+            .await?;
+        admin.close().await?;
+        Ok(())
+    }
+
     pub fn is_throwaway(&self) -> bool {
         self.cluster.is_some()
     }
