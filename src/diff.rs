@@ -87,6 +87,14 @@ pub async fn diff_into_outbox(
     .execute(&mut *conn)
     .await?;
 
+    // From here to commit, settles of this definition wait: the enqueue below sees every value
+    // acknowledged so far, and none is acknowledged behind its back.
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(crate::outbox::SETTLE_LOCK_CLASS)
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+
     // Pending values that are no longer wanted: the user is back to what Batch acknowledged.
     sqlx::query(
         "DELETE FROM outbox o WHERE o.definition_key = $1 \
@@ -100,7 +108,10 @@ pub async fn diff_into_outbox(
     enqueue(
         conn,
         key,
-        "SELECT custom_id, desired FROM changes WHERE NOT held_back",
+        // `changes` was computed before the lock: values acknowledged since are not sent again.
+        "SELECT c.custom_id, c.desired FROM changes c WHERE NOT c.held_back \
+           AND NOT EXISTS (SELECT 1 FROM snapshot p WHERE p.definition_key = $1 \
+                             AND p.custom_id = c.custom_id AND p.value = c.desired)",
         lane,
     )
     .await?;

@@ -71,6 +71,12 @@ impl Claim {
     }
 }
 
+/// First key of the transaction-scoped advisory locks that keep a definition's settling apart from
+/// its diff's enqueue (the second is `hashtext(key)`): settles share it, the enqueue takes it alone.
+/// Without it, a diff that read the snapshot just before a settle committed would enqueue again a
+/// value Batch had just acknowledged, and it would be sent twice.
+pub(crate) const SETTLE_LOCK_CLASS: i32 = 0x4553_0003;
+
 /// First key of the advisory locks that serialise claims (the second is the lane).
 const CLAIM_LOCK_CLASS: i32 = 0x4553_0001;
 
@@ -243,6 +249,23 @@ pub async fn settle(
     rejected: &[(&ClaimedChange, String)],
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let mut definitions: Vec<&str> = acknowledged
+        .iter()
+        .copied()
+        .chain(rejected.iter().map(|(change, _)| *change))
+        .map(|change| change.definition_key.as_str())
+        .collect();
+    definitions.sort_unstable();
+    definitions.dedup();
+    // Sorted, so two settles never wait on each other in a cycle.
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock_shared($1, hashtext(k)) \
+         FROM unnest($2::text[]) AS a(k)",
+    )
+    .bind(SETTLE_LOCK_CLASS)
+    .bind(&definitions)
+    .execute(&mut *tx)
+    .await?;
 
     let (kept, dropped): (Vec<&ClaimedChange>, Vec<&ClaimedChange>) = acknowledged
         .iter()
