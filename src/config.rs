@@ -130,7 +130,8 @@ impl Default for DeliverySettings {
     }
 }
 
-/// One audience: a name, the query that lists its members, and when and how it is sent.
+/// One audience or computed trait: a name, the query that lists its users (and values), and when
+/// and how it is sent.
 #[derive(Debug, Clone)]
 pub struct Definition {
     pub kind: DefinitionKind,
@@ -141,8 +142,33 @@ pub struct Definition {
     pub schedule_expression: String,
     /// The time zone the schedule is read in (UTC unless set).
     pub timezone: chrono_tz::Tz,
+    /// The profile attribute form (`{key: value}`).
     pub send_identify: bool,
+    /// The event form (`audience_entered` / `audience_exited` / `trait_computed`).
     pub send_track: bool,
+    /// Event names when `send_track` is on.
+    pub track_events: TrackEvents,
+    /// How a computed trait's text values are typed on Batch.
+    pub value_type: ValueType,
+    /// The Batch custom audience kept in step with an audience (`mode = "custom_audience"`).
+    pub custom_audience: Option<String>,
+}
+
+/// The names of a definition's Track events: for an audience, entering and leaving; for a computed
+/// trait both are the one `trait_computed` name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackEvents {
+    pub entered: AttributeKey,
+    pub exited: AttributeKey,
+}
+
+/// `type = "url"` on a computed trait sends its text values as `url(key)`; otherwise the type
+/// follows the query's value column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ValueType {
+    #[default]
+    FromColumn,
+    Url,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +200,8 @@ struct RawConfig {
     admin: Option<RawAdmin>,
     #[serde(default)]
     audience: Vec<RawDefinition>,
+    #[serde(default)]
+    computed_trait: Vec<RawDefinition>,
 }
 
 #[derive(Deserialize)]
@@ -231,6 +259,13 @@ struct RawDefinition {
     timezone: Option<String>,
     send_identify: Option<bool>,
     send_track: Option<bool>,
+    /// Event name for the Track form.
+    track_event: Option<String>,
+    /// Audiences: `"attribute"` (default) or `"custom_audience"`.
+    mode: Option<String>,
+    /// Computed traits: `"url"`.
+    #[serde(rename = "type")]
+    value_type: Option<String>,
 }
 
 impl Config {
@@ -293,7 +328,7 @@ impl Config {
         let batch = parse_batch(raw.batch, &env_nonempty, &mut problems);
         let delivery = parse_delivery(raw.delivery, &mut problems);
         let daemon = parse_daemon(raw.daemon, raw.admin, &mut problems);
-        let definitions = parse_definitions(raw.audience, &mut problems);
+        let definitions = parse_definitions(raw.audience, raw.computed_trait, &mut problems);
 
         if problems.is_empty() {
             Ok(Config {
@@ -470,12 +505,26 @@ fn parse_daemon(
     }
 }
 
-fn parse_definitions(raw: Vec<RawDefinition>, problems: &mut Vec<String>) -> Vec<Definition> {
+fn parse_definitions(
+    audiences: Vec<RawDefinition>,
+    traits: Vec<RawDefinition>,
+    problems: &mut Vec<String>,
+) -> Vec<Definition> {
     let mut definitions = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
-    for (index, raw) in raw.into_iter().enumerate() {
-        let label = format!("[[audience]] #{} {:?}", index + 1, raw.name);
-        match parse_definition(raw, DefinitionKind::Audience, &label) {
+    let labelled = audiences
+        .into_iter()
+        .enumerate()
+        .map(|(index, raw)| (DefinitionKind::Audience, index, raw))
+        .chain(
+            traits
+                .into_iter()
+                .enumerate()
+                .map(|(index, raw)| (DefinitionKind::ComputedTrait, index, raw)),
+        );
+    for (kind, index, raw) in labelled {
+        let label = format!("[[{}]] #{} {:?}", kind.as_str(), index + 1, raw.name);
+        match parse_definition(raw, kind, &label) {
             Ok(definition) => {
                 if let Some(other) = seen.get(definition.key.as_str()) {
                     problems.push(format!(
@@ -529,16 +578,61 @@ fn parse_definition(
             )
         })?,
     };
-    let send_identify = raw.send_identify.unwrap_or(true);
+
+    let custom_audience = match (kind, raw.mode.as_deref()) {
+        (_, None) => None,
+        (DefinitionKind::Audience, Some("attribute")) => None,
+        (DefinitionKind::Audience, Some("custom_audience")) => Some(key.as_str().to_owned()),
+        (DefinitionKind::Audience, Some(other)) => {
+            return Err(format!(
+                "{label}: mode {other:?} is not one of \"attribute\", \"custom_audience\""
+            ))
+        }
+        (DefinitionKind::ComputedTrait, Some(_)) => {
+            return Err(format!(
+                "{label}: mode applies to audiences only; a computed trait is a profile attribute"
+            ))
+        }
+    };
+    let value_type = match (kind, raw.value_type.as_deref()) {
+        (_, None) => ValueType::FromColumn,
+        (DefinitionKind::ComputedTrait, Some("url")) => ValueType::Url,
+        (DefinitionKind::ComputedTrait, Some(other)) => {
+            return Err(format!(
+                "{label}: type {other:?} is not supported; \"url\" is the only type to set \
+                 (other types follow the query's value column)"
+            ))
+        }
+        (DefinitionKind::Audience, Some(_)) => {
+            return Err(format!(
+                "{label}: type applies to computed traits only; an audience is a boolean"
+            ))
+        }
+    };
+    // A custom audience replaces the boolean attribute unless send_identify asks for both.
+    let send_identify = raw.send_identify.unwrap_or(custom_audience.is_none());
     let send_track = raw.send_track.unwrap_or(false);
-    if send_track {
+    let track_events = match &raw.track_event {
+        Some(name) => {
+            let name = AttributeKey::parse(name).map_err(|error| {
+                format!("{label}: track_event {name:?} {error} (Batch event names follow the attribute rules)")
+            })?;
+            TrackEvents {
+                entered: name.clone(),
+                exited: name,
+            }
+        }
+        None => kind.default_track_events(),
+    };
+    if raw.track_event.is_some() && !send_track {
         return Err(format!(
-            "{label}: send_track (audience_entered/audience_exited events) is not supported yet"
+            "{label}: track_event is set but send_track is off; set `send_track = true`"
         ));
     }
-    if !send_identify {
+    if !send_identify && !send_track && custom_audience.is_none() {
         return Err(format!(
-            "{label}: send_identify = false leaves nothing to send; remove the definition instead"
+            "{label}: send_identify and send_track are both off, leaving nothing to send; \
+             remove the definition instead"
         ));
     }
     Ok(Definition {
@@ -551,6 +645,9 @@ fn parse_definition(
         timezone,
         send_identify,
         send_track,
+        track_events,
+        value_type,
+        custom_audience,
     })
 }
 

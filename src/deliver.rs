@@ -10,14 +10,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::batch::client::{BatchClient, Outcome, PartialError};
-use crate::batch::limits::MAX_ATTRIBUTES_PER_OPERATION;
-use crate::batch::operation::Operation;
+use crate::batch::client::{AudienceAction, AudienceIdChange, BatchClient, Outcome, PartialError};
+use crate::batch::limits::{
+    AUDIENCE_REQUESTS_PER_SECOND, AUDIENCE_UPDATE_MAX_IDS, MAX_ATTRIBUTES_PER_OPERATION,
+    MAX_EVENTS_PER_OPERATION,
+};
+use crate::batch::operation::{Event, Operation};
 use crate::batch::retry::Backoff;
 use crate::config::DeliverySettings;
 use crate::outbox::{self, Claim, ClaimedChange, Lane};
@@ -145,32 +148,121 @@ pub struct PlannedOperation {
     pub changes: Vec<usize>,
 }
 
-/// Groups claimed changes by user into operations of at most 50 attributes each.
-pub fn plan_operations(changes: &[ClaimedChange]) -> Vec<PlannedOperation> {
+/// Groups claimed changes by user into operations of at most 50 attributes and 15 events each.
+/// The bulk lane sends attributes only (a row's event waits for the incremental lane).
+pub fn plan_operations(changes: &[ClaimedChange], lane: Lane) -> Vec<PlannedOperation> {
     let mut by_user: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (index, change) in changes.iter().enumerate() {
         by_user.entry(&change.custom_id).or_default().push(index);
     }
+    let sends_events = lane == Lane::Incremental;
     let mut planned = Vec::with_capacity(by_user.len());
     for (custom_id, indices) in by_user {
-        for part in indices.chunks(MAX_ATTRIBUTES_PER_OPERATION) {
-            let mut operation = Operation::for_custom_id(custom_id);
-            operation.attributes = part
-                .iter()
-                .map(|&index| {
-                    (
-                        changes[index].attribute.clone(),
-                        changes[index].value.clone(),
-                    )
-                })
-                .collect::<Map<String, Value>>();
-            planned.push(PlannedOperation {
-                operation,
-                changes: part.to_vec(),
-            });
+        let mut current = PlannedOperation {
+            operation: Operation::for_custom_id(custom_id),
+            changes: Vec::new(),
+        };
+        for index in indices {
+            let change = &changes[index];
+            let attribute = change.attribute.as_ref();
+            let event = change.event.as_ref().filter(|_| sends_events);
+            let full = (attribute.is_some()
+                && current.operation.attributes.len() >= MAX_ATTRIBUTES_PER_OPERATION)
+                || (event.is_some() && current.operation.events.len() >= MAX_EVENTS_PER_OPERATION);
+            if full {
+                let next = PlannedOperation {
+                    operation: Operation::for_custom_id(custom_id),
+                    changes: Vec::new(),
+                };
+                planned.push(std::mem::replace(&mut current, next));
+            }
+            if let Some(attribute) = attribute {
+                current
+                    .operation
+                    .attributes
+                    .insert(attribute.clone(), change.value.clone());
+            }
+            if let Some(event) = event {
+                match serde_json::from_value::<Event>(event.clone()) {
+                    Ok(event) => current.operation.events.push(event),
+                    Err(error) => warn!(
+                        definition = %change.definition_key,
+                        custom_id = %change.custom_id,
+                        %error,
+                        "An outbox event is malformed; sending the rest of the change."
+                    ),
+                }
+            }
+            current.changes.push(index);
         }
+        planned.push(current);
     }
     planned
+}
+
+/// One id's change in a custom audience and the outbox row it carries.
+#[derive(Debug, Clone)]
+pub struct PlannedListChange {
+    pub audience: String,
+    pub change: AudienceIdChange,
+    pub index: usize,
+}
+
+/// Groups claimed custom-audience changes by audience, in calls of at most 10,000 ids each.
+pub fn plan_list_changes(changes: &[ClaimedChange]) -> Vec<Vec<PlannedListChange>> {
+    let mut by_audience: BTreeMap<&str, Vec<PlannedListChange>> = BTreeMap::new();
+    for (index, change) in changes.iter().enumerate() {
+        let Some(audience) = change.audience.as_deref() else {
+            continue;
+        };
+        let action = if change.value == Value::Bool(true) {
+            AudienceAction::Add
+        } else {
+            AudienceAction::Remove
+        };
+        by_audience
+            .entry(audience)
+            .or_default()
+            .push(PlannedListChange {
+                audience: audience.to_owned(),
+                change: AudienceIdChange {
+                    action,
+                    id: change.custom_id.clone(),
+                },
+                index,
+            });
+    }
+    by_audience
+        .into_values()
+        .flat_map(|list| {
+            list.chunks(AUDIENCE_UPDATE_MAX_IDS)
+                .map(<[PlannedListChange]>::to_vec)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// One unit of a call: what halving splits and partial errors point at.
+#[derive(Debug, Clone)]
+enum Unit {
+    Profile(PlannedOperation),
+    List(PlannedListChange),
+}
+
+impl Unit {
+    fn changes(&self) -> &[usize] {
+        match self {
+            Unit::Profile(planned) => &planned.changes,
+            Unit::List(planned) => std::slice::from_ref(&planned.index),
+        }
+    }
+
+    fn custom_id(&self) -> &str {
+        match self {
+            Unit::Profile(planned) => &planned.operation.identifiers.custom_id,
+            Unit::List(planned) => &planned.change.id,
+        }
+    }
 }
 
 /// Drains the outbox through both lanes with a shared client and per-lane budgets.
@@ -180,6 +272,8 @@ pub struct Deliverer {
     settings: DeliverySettings,
     incremental_limiter: ProfileLimiter,
     bulk_limiter: ProfileLimiter,
+    /// Counts requests, not profiles.
+    audience_limiter: ProfileLimiter,
     pub stats: DeliveryStats,
     pub stop: StopSignal,
     fatal: Mutex<Option<String>>,
@@ -223,6 +317,7 @@ impl Deliverer {
                 settings.bulk_rate_per_second,
                 settings.bulk_rate_per_second,
             ),
+            audience_limiter: ProfileLimiter::new(AUDIENCE_REQUESTS_PER_SECOND, 1),
             pool,
             client,
             settings,
@@ -313,6 +408,7 @@ impl Deliverer {
         match lane {
             Lane::Incremental => &self.incremental_limiter,
             Lane::Bulk => &self.bulk_limiter,
+            Lane::Audience => &self.audience_limiter,
         }
     }
 
@@ -427,12 +523,17 @@ impl Deliverer {
         claim: &Claim,
         deadline: Instant,
     ) -> anyhow::Result<StepEnd> {
-        let planned = plan_operations(&claim.changes);
-        let mut stack: Vec<Vec<PlannedOperation>> = planned
-            .chunks(lane.max_operations())
-            .rev()
-            .map(<[PlannedOperation]>::to_vec)
-            .collect();
+        let calls: Vec<Vec<Unit>> = match lane {
+            Lane::Audience => plan_list_changes(&claim.changes)
+                .into_iter()
+                .map(|call| call.into_iter().map(Unit::List).collect())
+                .collect(),
+            Lane::Incremental | Lane::Bulk => plan_operations(&claim.changes, lane)
+                .chunks(lane.max_operations())
+                .map(|call| call.iter().cloned().map(Unit::Profile).collect())
+                .collect(),
+        };
+        let mut stack: Vec<Vec<Unit>> = calls.into_iter().rev().collect();
         let backoff = Backoff {
             base: self.settings.retry_base,
             cap: self.settings.retry_cap,
@@ -441,20 +542,18 @@ impl Deliverer {
         let mut lease_until = claim.claimed_at + lease;
         let mut end = StepEnd::Done;
         while let Some(part) = stack.pop() {
-            let operations: Vec<Operation> = part
-                .iter()
-                .map(|planned| planned.operation.clone())
-                .collect();
             // The budget is spent once per call: a call Batch refused with 429 or 5xx did not
-            // count against its limit, and its retries are spaced by the backoff instead.
+            // count against its limit, and its retries are spaced by the backoff instead. The
+            // Audience API counts requests; the profile endpoints count profiles.
+            let cost = if lane == Lane::Audience { 1 } else { part.len() };
             tokio::select! {
-                _ = self.limiter(lane).acquire(operations.len()) => {}
+                _ = self.limiter(lane).acquire(cost) => {}
                 // A stop must not wait for a rate budget that may be seconds away.
                 _ = self.stop.sleep(Duration::MAX) => return Ok(StepEnd::Stop),
             }
             let part_changes: Vec<&ClaimedChange> = part
                 .iter()
-                .flat_map(|planned| planned.changes.iter().map(|&index| &claim.changes[index]))
+                .flat_map(|unit| unit.changes().iter().map(|&index| &claim.changes[index]))
                 .collect();
             let mut attempt: u32 = 0;
             loop {
@@ -477,19 +576,20 @@ impl Deliverer {
                         break;
                     }
                 }
-                let outcome = self.client.send(lane.endpoint(), &operations).await;
+                let outcome = self.send(lane, &part).await;
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 match outcome {
                     Outcome::Accepted { partial_errors } => {
                         self.stats
                             .operations
-                            .fetch_add(operations.len() as u64, Ordering::Relaxed);
+                            .fetch_add(part.len() as u64, Ordering::Relaxed);
                         if lane == Lane::Bulk {
                             self.stats
                                 .bulk_operations
-                                .fetch_add(operations.len() as u64, Ordering::Relaxed);
+                                .fetch_add(part.len() as u64, Ordering::Relaxed);
                         }
-                        self.settle_accepted(claim, &part, &partial_errors).await?;
+                        self.settle_accepted(claim, lane, &part, &partial_errors)
+                            .await?;
                         break;
                     }
                     Outcome::Refused { reason, .. } if part.len() > 1 => {
@@ -503,19 +603,19 @@ impl Deliverer {
                     }
                     Outcome::Refused { reason, .. } => {
                         let rejected: Vec<(&ClaimedChange, String)> = part[0]
-                            .changes
+                            .changes()
                             .iter()
                             .map(|&index| (&claim.changes[index], reason.clone()))
                             .collect();
                         warn!(
-                            custom_id = %part[0].operation.identifiers.custom_id,
+                            custom_id = %part[0].custom_id(),
                             %reason,
                             "Batch refused an operation; recorded in rejections."
                         );
                         self.stats
                             .rejected
                             .fetch_add(rejected.len() as u64, Ordering::Relaxed);
-                        outbox::settle(&self.pool, &claim.token, &[], &rejected).await?;
+                        outbox::settle(&self.pool, &claim.token, lane, &[], &rejected).await?;
                         self.record_progress(rejected.iter().map(|(change, _)| *change));
                         break;
                     }
@@ -569,10 +669,41 @@ impl Deliverer {
         Ok(end)
     }
 
+    /// Sends one call of a lane.
+    async fn send(&self, lane: Lane, part: &[Unit]) -> Outcome {
+        match lane {
+            Lane::Audience => {
+                let name = match &part[0] {
+                    Unit::List(planned) => planned.audience.as_str(),
+                    Unit::Profile(_) => unreachable!("the audience lane plans list changes"),
+                };
+                let ids: Vec<AudienceIdChange> = part
+                    .iter()
+                    .filter_map(|unit| match unit {
+                        Unit::List(planned) => Some(planned.change.clone()),
+                        Unit::Profile(_) => None,
+                    })
+                    .collect();
+                self.client.update_audience(name, &ids).await
+            }
+            Lane::Incremental | Lane::Bulk => {
+                let operations: Vec<Operation> = part
+                    .iter()
+                    .filter_map(|unit| match unit {
+                        Unit::Profile(planned) => Some(planned.operation.clone()),
+                        Unit::List(_) => None,
+                    })
+                    .collect();
+                self.client.send(lane.endpoint(), &operations).await
+            }
+        }
+    }
+
     async fn settle_accepted(
         &self,
         claim: &Claim,
-        part: &[PlannedOperation],
+        lane: Lane,
+        part: &[Unit],
         partial_errors: &[PartialError],
     ) -> anyhow::Result<()> {
         let mut refused: Vec<Option<String>> = vec![None; claim.changes.len()];
@@ -586,18 +717,19 @@ impl Deliverer {
             };
             let reason = format!("{} ({})", error.reason, error.category);
             let named: Vec<usize> = planned
-                .changes
+                .changes()
                 .iter()
                 .copied()
                 .filter(|&index| {
-                    error.attribute.as_deref().is_some_and(|attribute| {
-                        attribute_matches(attribute, &claim.changes[index].attribute)
-                    })
+                    let sent = claim.changes[index].attribute.as_deref();
+                    error.attribute.as_deref().zip(sent).is_some_and(
+                        |(reported, sent)| attribute_matches(reported, sent),
+                    )
                 })
                 .collect();
             // An error that names no attribute we sent concerns the whole operation.
             let affected = if named.is_empty() {
-                planned.changes.clone()
+                planned.changes().to_vec()
             } else {
                 named
             };
@@ -608,7 +740,7 @@ impl Deliverer {
         let mut acknowledged = Vec::new();
         let mut rejected = Vec::new();
         for planned in part {
-            for &index in &planned.changes {
+            for &index in planned.changes() {
                 match refused[index].take() {
                     Some(reason) => rejected.push((&claim.changes[index], reason)),
                     None => acknowledged.push(&claim.changes[index]),
@@ -629,7 +761,7 @@ impl Deliverer {
         self.stats
             .rejected
             .fetch_add(rejected.len() as u64, Ordering::Relaxed);
-        outbox::settle(&self.pool, &claim.token, &acknowledged, &rejected).await?;
+        outbox::settle(&self.pool, &claim.token, lane, &acknowledged, &rejected).await?;
         self.record_progress(
             acknowledged
                 .iter()
@@ -687,8 +819,10 @@ mod tests {
         ClaimedChange {
             definition_key: key.to_owned(),
             custom_id: user.to_owned(),
-            attribute: key.to_owned(),
+            attribute: Some(key.to_owned()),
             value,
+            event: None,
+            audience: None,
             seq: 1,
         }
     }
@@ -700,7 +834,7 @@ mod tests {
             change("b", "u2", json!(false)),
             change("b", "u1", json!(false)),
         ];
-        let planned = plan_operations(&changes);
+        let planned = plan_operations(&changes, Lane::Incremental);
         assert_eq!(planned.len(), 2);
         assert_eq!(
             serde_json::to_value(&planned[0].operation).unwrap(),
@@ -714,12 +848,76 @@ mod tests {
         let changes: Vec<ClaimedChange> = (0..120)
             .map(|i| change(&format!("k{i}"), "u1", json!(true)))
             .collect();
-        let planned = plan_operations(&changes);
+        let planned = plan_operations(&changes, Lane::Incremental);
         let sizes: Vec<usize> = planned
             .iter()
             .map(|p| p.operation.attributes.len())
             .collect();
         assert_eq!(sizes, vec![50, 50, 20]);
+    }
+
+    fn with_event(mut change: ClaimedChange) -> ClaimedChange {
+        change.event = Some(json!({
+            "name": "trait_computed",
+            "time": "2026-12-03T10:00:00.000Z",
+            "attributes": {"trait_key": change.definition_key, change.definition_key.clone(): change.value},
+        }));
+        change
+    }
+
+    #[test]
+    fn events_ride_with_attributes_up_to_fifteen_per_operation_and_never_in_bulk() {
+        let changes: Vec<ClaimedChange> = (0..20)
+            .map(|i| with_event(change(&format!("k{i}"), "u1", json!(i))))
+            .collect();
+        let planned = plan_operations(&changes, Lane::Incremental);
+        let shape: Vec<(usize, usize)> = planned
+            .iter()
+            .map(|p| (p.operation.attributes.len(), p.operation.events.len()))
+            .collect();
+        assert_eq!(shape, vec![(15, 15), (5, 5)]);
+        assert_eq!(
+            planned[0].operation.events[0].attributes,
+            json!({"trait_key": "k0", "k0": 0}).as_object().unwrap().clone()
+        );
+
+        let bulk = plan_operations(&changes, Lane::Bulk);
+        assert_eq!(bulk.len(), 1);
+        assert_eq!(bulk[0].operation.attributes.len(), 20);
+        assert!(bulk[0].operation.events.is_empty());
+    }
+
+    #[test]
+    fn list_changes_group_by_audience_with_add_for_members_and_remove_otherwise() {
+        let mut changes = vec![
+            change("vip", "u1", json!(true)),
+            change("vip", "u2", json!(false)),
+            change("churn", "u3", json!(true)),
+            change("vip", "u4", Value::Null),
+        ];
+        for change in &mut changes {
+            change.audience = Some(change.definition_key.clone());
+        }
+        let calls = plan_list_changes(&changes);
+        let described: Vec<Vec<(String, AudienceAction, String)>> = calls
+            .iter()
+            .map(|call| {
+                call.iter()
+                    .map(|p| (p.audience.clone(), p.change.action, p.change.id.clone()))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            described,
+            vec![
+                vec![("churn".into(), AudienceAction::Add, "u3".into())],
+                vec![
+                    ("vip".into(), AudienceAction::Add, "u1".into()),
+                    ("vip".into(), AudienceAction::Remove, "u2".into()),
+                    ("vip".into(), AudienceAction::Remove, "u4".into()),
+                ],
+            ]
+        );
     }
 
     #[test]

@@ -73,23 +73,53 @@ impl fmt::Display for AttributeKey {
     }
 }
 
-/// What a definition computes. Stored in the `definitions` table as text.
+/// What a definition computes. Stored in the `definitions` table as text, and the name of its
+/// config section (`[[audience]]`, `[[computed_trait]]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefinitionKind {
+    /// A set of users: `{key: true}` on entering, `{key: false}` on leaving.
     Audience,
+    /// A value per user: `{key: value}` when it changes, deleted (null) when the user leaves.
+    ComputedTrait,
 }
 
 impl DefinitionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             DefinitionKind::Audience => "audience",
+            DefinitionKind::ComputedTrait => "computed_trait",
         }
     }
 
-    /// The value sent when a user leaves the definition's result: `false` for an audience.
+    /// The value sent when a user leaves the definition's result: `false` for an audience, null
+    /// (which deletes the attribute) for a computed trait.
     pub fn removal_value(self) -> serde_json::Value {
         match self {
             DefinitionKind::Audience => serde_json::Value::Bool(false),
+            DefinitionKind::ComputedTrait => serde_json::Value::Null,
+        }
+    }
+
+    /// The event attribute that names the definition in its Track events.
+    pub fn event_key_attribute(self) -> &'static str {
+        match self {
+            DefinitionKind::Audience => "audience_key",
+            DefinitionKind::ComputedTrait => "trait_key",
+        }
+    }
+
+    /// Segment's event names, in Batch's spelling.
+    pub fn default_track_events(self) -> crate::config::TrackEvents {
+        let name = |text: &str| AttributeKey::parse(text).expect("valid event name");
+        match self {
+            DefinitionKind::Audience => crate::config::TrackEvents {
+                entered: name("audience_entered"),
+                exited: name("audience_exited"),
+            },
+            DefinitionKind::ComputedTrait => crate::config::TrackEvents {
+                entered: name("trait_computed"),
+                exited: name("trait_computed"),
+            },
         }
     }
 }

@@ -8,22 +8,29 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::batch::client::Endpoint;
-use crate::batch::limits::{MASS_UPDATE_MAX_OPERATIONS, UPDATE_MAX_OPERATIONS};
+use crate::batch::limits::{
+    AUDIENCE_UPDATE_MAX_IDS, MASS_UPDATE_MAX_OPERATIONS, UPDATE_MAX_OPERATIONS,
+};
 
 /// A delivery lane: which endpoint a change goes through, with that endpoint's own budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Lane {
+    /// `/profiles/update`: attributes and events.
     Incremental,
+    /// `/profiles/mass-update`: attributes only.
     Bulk,
+    /// `/audiences/update`: custom-audience membership.
+    Audience,
 }
 
 impl Lane {
-    pub const ALL: [Lane; 2] = [Lane::Bulk, Lane::Incremental];
+    pub const ALL: [Lane; 3] = [Lane::Bulk, Lane::Incremental, Lane::Audience];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Lane::Incremental => "incremental",
             Lane::Bulk => "bulk",
+            Lane::Audience => "audience",
         }
     }
 
@@ -31,13 +38,30 @@ impl Lane {
         match self {
             Lane::Incremental => Endpoint::Update,
             Lane::Bulk => Endpoint::MassUpdate,
+            Lane::Audience => Endpoint::AudiencesUpdate,
         }
     }
 
+    /// Users per call.
     pub fn max_operations(self) -> usize {
         match self {
             Lane::Incremental => UPDATE_MAX_OPERATIONS,
             Lane::Bulk => MASS_UPDATE_MAX_OPERATIONS,
+            Lane::Audience => AUDIENCE_UPDATE_MAX_IDS,
+        }
+    }
+
+    /// Where a row goes once this lane delivered its part and others remain: the event goes
+    /// through `/profiles/update`, the list last.
+    fn next_for(self, change: &ClaimedChange) -> Option<Lane> {
+        let event_left = self != Lane::Incremental && change.event.is_some();
+        let list_left = self != Lane::Audience && change.audience.is_some();
+        if event_left {
+            Some(Lane::Incremental)
+        } else if list_left {
+            Some(Lane::Audience)
+        } else {
+            None
         }
     }
 }
@@ -47,8 +71,13 @@ impl Lane {
 pub struct ClaimedChange {
     pub definition_key: String,
     pub custom_id: String,
-    pub attribute: String,
+    /// The profile attribute still to send, if any.
+    pub attribute: Option<String>,
     pub value: Value,
+    /// The Track event still to send, if any.
+    pub event: Option<Value>,
+    /// The custom audience still to update, if any.
+    pub audience: Option<String>,
     pub seq: i64,
 }
 
@@ -161,7 +190,7 @@ async fn try_claim(
          WHERE o.custom_id = ANY($2) AND o.lane = $1 \
            AND (o.claimed_until IS NULL OR o.claimed_until < now()) \
            AND ($4::text[] IS NULL OR o.definition_key = ANY($4)) \
-         RETURNING o.definition_key, o.custom_id, o.attribute, o.value, o.seq",
+         RETURNING o.definition_key, o.custom_id, o.attribute, o.value, o.event, o.audience, o.seq",
     )
     .bind(lane.as_str())
     .bind(&picked)
@@ -239,12 +268,15 @@ pub async fn release_instance(pool: &PgPool, instance: &str) -> Result<u64, sqlx
     .rows_affected())
 }
 
-/// Records Batch's answer for some claimed changes, in one transaction:
-/// acknowledged values move to the snapshot (an acknowledged null deletes the snapshot row), refused ones to `rejections`, and both leave the
-/// outbox unless a newer value replaced them meanwhile (then that newer row is just unclaimed).
+/// Records Batch's answer for some claimed changes of `lane`, in one transaction. An acknowledged
+/// row with parts left for another lane (an event after mass-update, a list after the profile)
+/// moves on to that lane; a finished one moves its value into the snapshot (an acknowledged null
+/// deletes the snapshot row). Refused rows go to `rejections`. Both leave the outbox unless a newer
+/// value replaced them meanwhile (then that newer row is just unclaimed).
 pub async fn settle(
     pool: &PgPool,
     token: &str,
+    lane: Lane,
     acknowledged: &[&ClaimedChange],
     rejected: &[(&ClaimedChange, String)],
 ) -> Result<(), sqlx::Error> {
@@ -267,7 +299,48 @@ pub async fn settle(
     .execute(&mut *tx)
     .await?;
 
-    let (kept, dropped): (Vec<&ClaimedChange>, Vec<&ClaimedChange>) = acknowledged
+    let (moving, finished): (Vec<&ClaimedChange>, Vec<&ClaimedChange>) = acknowledged
+        .iter()
+        .copied()
+        .partition(|change| lane.next_for(change).is_some());
+    if !moving.is_empty() {
+        let (keys, ids, _) = columns(&moving);
+        let seqs: Vec<i64> = moving.iter().map(|change| change.seq).collect();
+        let next: Vec<&str> = moving
+            .iter()
+            .map(|change| lane.next_for(change).expect("moving").as_str())
+            .collect();
+        sqlx::query(
+            "UPDATE outbox o SET \
+                 attribute = CASE WHEN $5 = 'audience' THEN o.attribute END, \
+                 event = CASE WHEN $5 <> 'incremental' THEN o.event END, \
+                 lane = a.next, claimed_by = NULL, claimed_until = NULL, attempts = 0, \
+                 last_error = NULL \
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS a(k, u, s, next) \
+             WHERE o.definition_key = a.k AND o.custom_id = a.u AND o.seq = a.s",
+        )
+        .bind(&keys)
+        .bind(&ids)
+        .bind(&seqs)
+        .bind(&next)
+        .bind(lane.as_str())
+        .execute(&mut *tx)
+        .await?;
+        // A part of a value that was replaced meanwhile reached Batch: the newer row must be
+        // delivered in full, whatever the next diff finds.
+        sqlx::query(
+            "UPDATE outbox o SET partly_delivered = true \
+             FROM unnest($1::text[], $2::text[], $3::bigint[]) AS a(k, u, s) \
+             WHERE o.definition_key = a.k AND o.custom_id = a.u AND o.seq <> a.s",
+        )
+        .bind(&keys)
+        .bind(&ids)
+        .bind(&seqs)
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    let (kept, dropped): (Vec<&ClaimedChange>, Vec<&ClaimedChange>) = finished
         .iter()
         .copied()
         .partition(|change| !change.value.is_null());
@@ -296,8 +369,8 @@ pub async fn settle(
         .execute(&mut *tx)
         .await?;
     }
-    if !acknowledged.is_empty() {
-        let (keys, ids, _) = columns(acknowledged);
+    if !finished.is_empty() {
+        let (keys, ids, _) = columns(&finished);
         sqlx::query(
             "DELETE FROM rejections r USING unnest($1::text[], $2::text[]) AS a(k, u) \
              WHERE r.definition_key = a.k AND r.custom_id = a.u",
@@ -310,7 +383,8 @@ pub async fn settle(
     if !rejected.is_empty() {
         let changes: Vec<&ClaimedChange> = rejected.iter().map(|(change, _)| *change).collect();
         let (keys, ids, values) = columns(&changes);
-        let attributes: Vec<&str> = changes.iter().map(|c| c.attribute.as_str()).collect();
+        let attributes: Vec<Option<&str>> =
+            changes.iter().map(|c| c.attribute.as_deref()).collect();
         let reasons: Vec<&str> = rejected.iter().map(|(_, reason)| reason.as_str()).collect();
         sqlx::query(
             "INSERT INTO rejections (definition_key, custom_id, attribute, value, reason) \
@@ -329,7 +403,7 @@ pub async fn settle(
         .await?;
     }
 
-    let settled: Vec<&ClaimedChange> = acknowledged
+    let settled: Vec<&ClaimedChange> = finished
         .iter()
         .copied()
         .chain(rejected.iter().map(|(change, _)| *change))
@@ -345,6 +419,13 @@ pub async fn settle(
     .bind(seqs)
     .execute(&mut *tx)
     .await?;
+    // Rows replaced by a newer value meanwhile are still claimed by this token.
+    let answered: Vec<&ClaimedChange> = acknowledged
+        .iter()
+        .copied()
+        .chain(rejected.iter().map(|(change, _)| *change))
+        .collect();
+    let (keys, ids, _) = columns(&answered);
     sqlx::query(
         "UPDATE outbox o SET claimed_by = NULL, claimed_until = NULL \
          FROM unnest($1::text[], $2::text[]) AS a(k, u) \

@@ -12,9 +12,9 @@ use tracing::{error, info, warn};
 use crate::batch::client::BatchClient;
 use crate::config::{Config, Definition};
 use crate::db;
-use crate::deliver::{self, plan_operations, Deliverer, DeliveryTotals, DrainEnd};
-use crate::diff::{self, DiffReport};
-use crate::outbox::ClaimedChange;
+use crate::deliver::{self, plan_list_changes, plan_operations, Deliverer, DeliveryTotals, DrainEnd};
+use crate::diff::{self, DiffReport, Forms};
+use crate::outbox::{ClaimedChange, Lane};
 use crate::source::{self, Source, StageReport};
 
 /// The connections a sync needs, built once from the configuration.
@@ -325,15 +325,31 @@ pub(crate) async fn diff_definition(
     let started = Instant::now();
 
     let result: anyhow::Result<(StageReport, DiffReport)> = async {
+        if let Some(audience) = &definition.custom_audience {
+            ensure_custom_audience(app, definition, audience).await?;
+        }
         let mut tx = app.pool.begin().await?;
         let stage = source::stage(&mut tx, app.source(), definition).await?;
+        let forms = Forms::of(definition, &stage.attribute);
+        // Kept so `retire` can undo the definition once it left the configuration.
+        sqlx::query("UPDATE definitions SET attribute = $2, custom_audience = $3 WHERE key = $1")
+            .bind(key)
+            .bind(forms.attribute.as_deref())
+            .bind(forms.audience.as_deref())
+            .execute(&mut *tx)
+            .await?;
         let diff = match mode {
             PassMode::Diff => {
-                diff::diff_into_outbox(&mut tx, definition, app.config.delivery.bulk_threshold)
-                    .await?
+                diff::diff_into_outbox(
+                    &mut tx,
+                    definition,
+                    &forms,
+                    app.config.delivery.bulk_threshold,
+                )
+                .await?
             }
             PassMode::Backfill => {
-                diff::enqueue_all_members(&mut tx, definition.key.as_str()).await?;
+                diff::enqueue_all_members(&mut tx, definition.key.as_str(), &forms).await?;
                 DiffReport {
                     added: stage.staged,
                     lane: Some(crate::outbox::Lane::Bulk),
@@ -392,7 +408,50 @@ pub(crate) async fn diff_definition(
     outcome
 }
 
+/// Creates the definition's custom audience on Batch the first time (`/audiences/create`).
+async fn ensure_custom_audience(
+    app: &App,
+    definition: &Definition,
+    audience: &str,
+) -> anyhow::Result<()> {
+    let created: bool = sqlx::query_scalar(
+        "SELECT custom_audience_created_at IS NOT NULL AND custom_audience = $2 \
+         FROM definitions WHERE key = $1",
+    )
+    .bind(definition.key.as_str())
+    .bind(audience)
+    .fetch_optional(&app.pool)
+    .await?
+    .flatten()
+    .unwrap_or(false);
+    if created {
+        return Ok(());
+    }
+    app.client
+        .create_audience(audience, &definition.name)
+        .await
+        .map_err(|reason| anyhow::anyhow!(reason))?;
+    sqlx::query(
+        "UPDATE definitions SET custom_audience = $2, custom_audience_created_at = now() \
+         WHERE key = $1",
+    )
+    .bind(definition.key.as_str())
+    .bind(audience)
+    .execute(&app.pool)
+    .await?;
+    info!(definition = %definition.key, audience, "Created the custom audience on Batch.");
+    Ok(())
+}
+
 fn log_stage(definition: &Definition, stage: &StageReport) {
+    if stage.invalid_values > 0 {
+        warn!(
+            definition = %definition.key,
+            refused = stage.invalid_values,
+            examples = %stage.invalid_samples.join("; "),
+            "Values Batch would refuse were recorded in rejections and not sent."
+        );
+    }
     if stage.skipped_rows > 0 {
         warn!(
             definition = %definition.key,
@@ -424,20 +483,35 @@ async fn dry_run_definition(
         // Rolled back with the rest: a dry run leaves no trace.
         register_definition(&mut tx, definition).await?;
         let stage = source::stage(&mut tx, app.source(), definition).await?;
-        let diff =
-            diff::diff_into_outbox(&mut tx, definition, app.config.delivery.bulk_threshold).await?;
+        let forms = Forms::of(definition, &stage.attribute);
+        let diff = diff::diff_into_outbox(
+            &mut tx,
+            definition,
+            &forms,
+            app.config.delivery.bulk_threshold,
+        )
+        .await?;
         let changes: Vec<ClaimedChange> = sqlx::query_as(
-            "SELECT definition_key, custom_id, attribute, value, seq FROM outbox \
+            "SELECT definition_key, custom_id, attribute, value, event, audience, seq FROM outbox \
              WHERE definition_key = $1 ORDER BY custom_id LIMIT $2",
         )
         .bind(key)
         .bind(preview_room as i64)
         .fetch_all(&mut *tx)
         .await?;
-        let operations = plan_operations(&changes)
+        // The preview shows profile operations as `/profiles/update` would carry them, and list
+        // changes as `/audiences/update` bodies.
+        let mut operations = plan_operations(&changes, Lane::Incremental)
             .into_iter()
+            .filter(|planned| {
+                !planned.operation.attributes.is_empty() || !planned.operation.events.is_empty()
+            })
             .map(|planned| serde_json::to_value(planned.operation))
             .collect::<Result<Vec<_>, _>>()?;
+        for call in plan_list_changes(&changes) {
+            let ids: Vec<_> = call.iter().map(|planned| &planned.change).collect();
+            operations.push(serde_json::json!({"audience": call[0].audience, "ids": ids}));
+        }
         tx.rollback().await?;
         Ok((stage, diff, operations))
     }
@@ -537,9 +611,23 @@ pub async fn retire(app: &App, key: &str) -> anyhow::Result<RetireReport> {
     if !known {
         anyhow::bail!("no definition with the key {key} has ever been synced here");
     }
+    // How the definition reached Batch, as recorded by its last run (older rows: the attribute).
+    let (attribute, audience): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT attribute, custom_audience FROM definitions WHERE key = $1",
+    )
+    .bind(key)
+    .fetch_optional(&app.pool)
+    .await?
+    .unwrap_or((Some(key.to_owned()), None));
+    let forms = Forms {
+        attribute,
+        event: None,
+        audience,
+    };
     let mut tx = app.pool.begin().await?;
     let profiles =
-        diff::enqueue_retirement(&mut tx, key, app.config.delivery.bulk_threshold).await?;
+        diff::enqueue_retirement(&mut tx, key, &forms, app.config.delivery.bulk_threshold)
+            .await?;
     tx.commit().await?;
     info!(definition = %key, profiles, "Retiring: deleting the attribute from every profile holding it.");
 

@@ -9,13 +9,17 @@ use super::operation::Operation;
 use super::retry::{is_retryable_status, parse_retry_after};
 use crate::config::BatchSettings;
 
-/// Which profile endpoint a call goes to; each is a delivery lane with its own limits.
+/// Which endpoint a call goes to; the first three are delivery lanes with their own limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     /// `/profiles/update`: small calls, near-real-time traffic.
     Update,
     /// `/profiles/mass-update`: large calls for initial syncs and backfills.
     MassUpdate,
+    /// `/audiences/update`: add and remove ids of a custom audience.
+    AudiencesUpdate,
+    /// `/audiences/create`: once per custom audience.
+    AudiencesCreate,
 }
 
 impl Endpoint {
@@ -23,8 +27,24 @@ impl Endpoint {
         match self {
             Endpoint::Update => "profiles/update",
             Endpoint::MassUpdate => "profiles/mass-update",
+            Endpoint::AudiencesUpdate => "audiences/update",
+            Endpoint::AudiencesCreate => "audiences/create",
         }
     }
+}
+
+/// One id's change in a custom audience (`/audiences/update`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AudienceIdChange {
+    pub action: AudienceAction,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AudienceAction {
+    Add,
+    Remove,
 }
 
 /// One part of an accepted call that Batch dropped (`SUCCESS_WITH_PARTIAL_ERRORS`).
@@ -94,14 +114,61 @@ impl BatchClient {
         format!("{}/{}", self.base, endpoint.path())
     }
 
-    /// Sends one call and classifies the answer. Never returns the REST API key in any text.
+    /// Sends one profile call and classifies the answer.
     pub async fn send(&self, endpoint: Endpoint, operations: &[Operation]) -> Outcome {
+        self.post(endpoint, operations).await
+    }
+
+    /// Adds and removes ids of the custom audience `name` in one call.
+    pub async fn update_audience(&self, name: &str, ids: &[AudienceIdChange]) -> Outcome {
+        self.post(
+            Endpoint::AudiencesUpdate,
+            &serde_json::json!({"name": name, "ids": ids}),
+        )
+        .await
+    }
+
+    /// Creates the custom audience `name` (a list of custom ids). One that exists already (409)
+    /// counts as created. Rate limits and server errors are retried a few times.
+    pub async fn create_audience(&self, name: &str, display_name: &str) -> Result<(), String> {
+        let body = serde_json::json!({"name": name, "display_name": display_name, "type": "custom_ids"});
+        let mut attempt = 0;
+        loop {
+            match self.post(Endpoint::AudiencesCreate, &body).await {
+                Outcome::Accepted { .. } | Outcome::Failed { status: 409, .. } => return Ok(()),
+                Outcome::Retryable {
+                    retry_after,
+                    reason,
+                    ..
+                } => {
+                    attempt += 1;
+                    if attempt >= 5 {
+                        return Err(format!(
+                            "creating the custom audience {name:?} failed: {reason}"
+                        ));
+                    }
+                    let wait = retry_after.unwrap_or(Duration::from_millis(1100));
+                    tokio::time::sleep(wait.min(Duration::from_secs(30))).await;
+                }
+                Outcome::Refused { reason, .. }
+                | Outcome::Unauthorized { reason, .. }
+                | Outcome::Failed { reason, .. } => {
+                    return Err(format!(
+                        "creating the custom audience {name:?} failed: {reason}"
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Sends one call and classifies the answer. Never returns the REST API key in any text.
+    async fn post(&self, endpoint: Endpoint, body: &(impl serde::Serialize + ?Sized)) -> Outcome {
         let response = self
             .http
             .post(self.url(endpoint))
             .header(reqwest::header::AUTHORIZATION, &self.bearer)
             .header("X-Batch-Project", &self.project_key)
-            .json(operations)
+            .json(body)
             .send()
             .await;
         let response = match response {

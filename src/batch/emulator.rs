@@ -1,15 +1,16 @@
-//! A local Batch-compatible server: serves `/{version}/profiles/update` and
-//! `/{version}/profiles/mass-update`, enforces the documented rules (auth, operation counts,
-//! names, value types, 50 attributes, rate limits in profiles per second), keeps profile state,
-//! answers partial errors as Batch does, and can be told to fail a share of requests. Tests and the
-//! demo talk to it; `engage-sync emulator` serves it on its own.
+//! A local Batch-compatible server: serves `/{version}/profiles/update`,
+//! `/{version}/profiles/mass-update` and the Audience API (`audiences/create`, `update`, `list`,
+//! `view`), enforces the documented rules (auth, operation counts, names, value types, 50
+//! attributes, rate limits in profiles per second, one Audience API request per second), keeps
+//! profile and custom-audience state, answers partial errors as Batch does, and can be told to fail
+//! a share of requests. Tests and the demo talk to it; `engage-sync emulator` serves it on its own.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -84,6 +85,21 @@ pub struct RecordedOperation {
     pub events: Vec<Value>,
 }
 
+/// One id's change in a custom audience, as recorded when `record_operations` is on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecordedListChange {
+    pub audience: String,
+    pub action: String,
+    pub id: String,
+}
+
+/// A custom audience as the emulator holds it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CustomAudience {
+    pub display_name: String,
+    pub ids: BTreeSet<String>,
+}
+
 /// Counters by endpoint and answer.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EmulatorStats {
@@ -104,7 +120,9 @@ pub struct Summary {
 
 struct Inner {
     profiles: HashMap<String, Profile>,
+    audiences: BTreeMap<String, CustomAudience>,
     recorded: Vec<RecordedOperation>,
+    recorded_list_changes: Vec<RecordedListChange>,
     stats: EmulatorStats,
     faults: Faults,
     rng: fastrand::Rng,
@@ -129,6 +147,7 @@ struct Shared {
     config: EmulatorConfig,
     update_limiter: DefaultDirectRateLimiter,
     mass_update_limiter: DefaultDirectRateLimiter,
+    audience_limiter: DefaultDirectRateLimiter,
     inner: Mutex<Inner>,
 }
 
@@ -162,10 +181,13 @@ impl Emulator {
                 config.mass_update_rate_per_second,
                 config.mass_update_rate_per_second,
             ),
+            audience_limiter: limiter(AUDIENCE_REQUESTS_PER_SECOND, 1),
             config,
             inner: Mutex::new(Inner {
                 profiles: HashMap::new(),
+                audiences: BTreeMap::new(),
                 recorded: Vec::new(),
+                recorded_list_changes: Vec::new(),
                 stats: EmulatorStats::default(),
                 faults: Faults::default(),
                 rng: fastrand::Rng::new(),
@@ -177,6 +199,10 @@ impl Emulator {
                 "/{version}/profiles/mass-update",
                 post(profiles_mass_update),
             )
+            .route("/{version}/audiences/create", post(audiences_create))
+            .route("/{version}/audiences/update", post(audiences_update))
+            .route("/{version}/audiences/list", get(audiences_list))
+            .route("/{version}/audiences/view", get(audiences_view))
             .route("/_emulator/summary", get(summary))
             .route("/_emulator/profiles/{custom_id}", get(profile))
             .route("/_emulator/faults", post(set_faults))
@@ -243,7 +269,23 @@ impl Emulator {
     }
 
     pub fn clear_recorded(&self) {
-        self.shared.lock().recorded.clear();
+        let mut inner = self.shared.lock();
+        inner.recorded.clear();
+        inner.recorded_list_changes.clear();
+    }
+
+    /// The ids of a custom audience, sorted; `None` when it was never created.
+    pub fn audience_members(&self, name: &str) -> Option<Vec<String>> {
+        self.shared
+            .lock()
+            .audiences
+            .get(name)
+            .map(|audience| audience.ids.iter().cloned().collect())
+    }
+
+    /// Custom-audience changes accepted so far (when recording is on).
+    pub fn recorded_list_changes(&self) -> Vec<RecordedListChange> {
+        self.shared.lock().recorded_list_changes.clone()
     }
 
     pub fn stats(&self) -> EmulatorStats {
@@ -349,13 +391,9 @@ fn handle(
     response
 }
 
-fn answer(
-    shared: &Shared,
-    endpoint: Endpoint,
-    version: &str,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Response {
+/// The checks every endpoint makes first: a well-formed API version and both keys. Returns the
+/// refusal, if any.
+fn authenticate(shared: &Shared, version: &str, headers: &HeaderMap) -> Option<Response> {
     let well_formed_version = version.split_once('.').is_some_and(|(major, minor)| {
         !major.is_empty()
             && !minor.is_empty()
@@ -363,18 +401,31 @@ fn answer(
             && minor.chars().all(|c| c.is_ascii_digit())
     });
     if !well_formed_version {
-        return error(StatusCode::NOT_FOUND, "NOT_FOUND", "unknown API version");
+        return Some(error(StatusCode::NOT_FOUND, "NOT_FOUND", "unknown API version"));
     }
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     let expected_bearer = format!("Bearer {}", shared.config.rest_api_key);
     if header("authorization") != Some(expected_bearer.as_str())
         || header("x-batch-project") != Some(shared.config.project_key.as_str())
     {
-        return error(
+        return Some(error(
             StatusCode::UNAUTHORIZED,
             "AUTHENTICATION_INVALID",
             "the REST API key or the project key is not valid",
-        );
+        ));
+    }
+    None
+}
+
+fn answer(
+    shared: &Shared,
+    endpoint: Endpoint,
+    version: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    if let Some(refusal) = authenticate(shared, version, headers) {
+        return refusal;
     }
 
     let (faults, [roll_500, roll_429, roll_after]) = {
@@ -391,6 +442,25 @@ fn answer(
     if roll_429 < faults.fail_429 {
         return too_many_requests();
     }
+    let response = match endpoint {
+        Endpoint::Update | Endpoint::MassUpdate => {
+            answer_profiles(shared, endpoint, body, &faults)
+        }
+        Endpoint::AudiencesCreate => answer_audiences_create(shared, body),
+        Endpoint::AudiencesUpdate => answer_audiences_update(shared, body),
+    };
+    if response.status().is_success() && roll_after < faults.fail_after_apply {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "SERVER_ERROR",
+            "unexpected error after applying (injected)",
+        );
+    }
+    response
+}
+
+/// `/profiles/update` and `/profiles/mass-update`, past authentication and injected faults.
+fn answer_profiles(shared: &Shared, endpoint: Endpoint, body: &[u8], faults: &Faults) -> Response {
 
     let operations = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Array(operations)) => operations,
@@ -410,8 +480,8 @@ fn answer(
         }
     };
     let max = match endpoint {
-        Endpoint::Update => UPDATE_MAX_OPERATIONS,
         Endpoint::MassUpdate => MASS_UPDATE_MAX_OPERATIONS,
+        _ => UPDATE_MAX_OPERATIONS,
     };
     if operations.is_empty() || operations.len() > max {
         return error(
@@ -449,8 +519,8 @@ fn answer(
 
     if shared.config.enforce_rate_limits {
         let limiter = match endpoint {
-            Endpoint::Update => &shared.update_limiter,
             Endpoint::MassUpdate => &shared.mass_update_limiter,
+            _ => &shared.update_limiter,
         };
         let count = NonZeroU32::new(operations.len() as u32).expect("not empty");
         if !matches!(limiter.check_n(count), Ok(Ok(()))) {
@@ -514,19 +584,231 @@ fn answer(
     inner.stats.partial_errors += partial_errors.len() as u64;
     drop(inner);
 
-    if roll_after < faults.fail_after_apply {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "SERVER_ERROR",
-            "unexpected error after applying (injected)",
-        );
-    }
     let body = if partial_errors.is_empty() {
         json!({"code": "SUCCESS"})
     } else {
         json!({"code": "SUCCESS_WITH_PARTIAL_ERRORS", "errors": partial_errors})
     };
     (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+async fn audiences_create(
+    State(shared): State<Arc<Shared>>,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    handle(&shared, Endpoint::AudiencesCreate, &version, &headers, &body)
+}
+
+async fn audiences_update(
+    State(shared): State<Arc<Shared>>,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    handle(&shared, Endpoint::AudiencesUpdate, &version, &headers, &body)
+}
+
+/// Audience names: letters, digits, `_` and `-`, case-sensitive.
+fn is_audience_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().count() <= MAX_AUDIENCE_NAME_CHARS
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// The Audience API shares one request budget across its endpoints.
+fn audience_rate_limited(shared: &Shared) -> bool {
+    shared.config.enforce_rate_limits && shared.audience_limiter.check().is_err()
+}
+
+fn answer_audiences_create(shared: &Shared, body: &[u8]) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Create {
+        name: String,
+        #[serde(default)]
+        display_name: Option<String>,
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    let create: Create = match serde_json::from_slice(body) {
+        Ok(create) => create,
+        Err(parse) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                &format!("the body is not a valid audience: {parse}"),
+            )
+        }
+    };
+    if !is_audience_name(&create.name) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "name must be 1 to 255 letters, digits, _ or -",
+        );
+    }
+    if create.kind != "custom_ids" {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "type must be \"custom_ids\"",
+        );
+    }
+    if audience_rate_limited(shared) {
+        return too_many_requests();
+    }
+    let mut inner = shared.lock();
+    if inner.audiences.contains_key(&create.name) {
+        return error(
+            StatusCode::CONFLICT,
+            "AUDIENCE_ALREADY_EXISTS",
+            "an audience with this name exists",
+        );
+    }
+    inner.audiences.insert(
+        create.name.clone(),
+        CustomAudience {
+            display_name: create.display_name.unwrap_or_else(|| create.name.clone()),
+            ids: BTreeSet::new(),
+        },
+    );
+    (StatusCode::OK, Json(json!({"name": create.name}))).into_response()
+}
+
+fn answer_audiences_update(shared: &Shared, body: &[u8]) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Update {
+        name: String,
+        ids: Vec<IdChange>,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct IdChange {
+        action: String,
+        id: String,
+        #[serde(default)]
+        #[allow(dead_code)]
+        attributes: Option<Map<String, Value>>,
+    }
+    let update: Update = match serde_json::from_slice(body) {
+        Ok(update) => update,
+        Err(parse) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                &format!("the body is not a valid audience update: {parse}"),
+            )
+        }
+    };
+    if update.ids.is_empty() || update.ids.len() > AUDIENCE_UPDATE_MAX_IDS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            &format!(
+                "a call holds 1 to {AUDIENCE_UPDATE_MAX_IDS} ids, not {}",
+                update.ids.len()
+            ),
+        );
+    }
+    for (index, change) in update.ids.iter().enumerate() {
+        if !matches!(change.action.as_str(), "add" | "remove") {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                &format!("ids[{index}]: action must be \"add\" or \"remove\""),
+            );
+        }
+        if change.id.is_empty() || change.id.chars().count() > MAX_CUSTOM_ID_CHARS {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                &format!("ids[{index}]: id must be 1 to {MAX_CUSTOM_ID_CHARS} characters"),
+            );
+        }
+    }
+    if audience_rate_limited(shared) {
+        return too_many_requests();
+    }
+    let mut inner = shared.lock();
+    let record = shared.config.record_operations;
+    let Inner {
+        audiences,
+        recorded_list_changes,
+        ..
+    } = &mut *inner;
+    let Some(audience) = audiences.get_mut(&update.name) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "AUDIENCE_NOT_FOUND",
+            &format!("no audience named {:?}; create it first", update.name),
+        );
+    };
+    // Applied in order, so the last action for an id in one call wins.
+    for change in update.ids {
+        if change.action == "add" {
+            audience.ids.insert(change.id.clone());
+        } else {
+            audience.ids.remove(&change.id);
+        }
+        if record {
+            recorded_list_changes.push(RecordedListChange {
+                audience: update.name.clone(),
+                action: change.action,
+                id: change.id,
+            });
+        }
+    }
+    (StatusCode::ACCEPTED, Json(json!({"code": "SUCCESS"}))).into_response()
+}
+
+#[derive(Deserialize)]
+struct ViewQuery {
+    name: String,
+}
+
+async fn audiences_list(
+    State(shared): State<Arc<Shared>>,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refusal) = authenticate(&shared, &version, &headers) {
+        return refusal;
+    }
+    let inner = shared.lock();
+    let audiences: Vec<Value> = inner
+        .audiences
+        .iter()
+        .map(|(name, audience)| {
+            json!({"name": name, "display_name": audience.display_name, "size": audience.ids.len()})
+        })
+        .collect();
+    Json(json!({"audiences": audiences})).into_response()
+}
+
+async fn audiences_view(
+    State(shared): State<Arc<Shared>>,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<ViewQuery>,
+) -> Response {
+    if let Some(refusal) = authenticate(&shared, &version, &headers) {
+        return refusal;
+    }
+    match shared.lock().audiences.get(&query.name) {
+        Some(audience) => Json(json!({
+            "name": query.name,
+            "display_name": audience.display_name,
+            "size": audience.ids.len(),
+            "indexing_state": "INDEXED",
+        }))
+        .into_response(),
+        None => error(StatusCode::NOT_FOUND, "AUDIENCE_NOT_FOUND", "no such audience"),
+    }
 }
 
 fn too_many_requests() -> Response {

@@ -34,6 +34,13 @@ pub const MAX_EVENT_BYTES: usize = 25 * 1024;
 /// Oldest event time Batch accepts *(unconfirmed for 2.x)*.
 pub const MAX_EVENT_AGE: Duration = Duration::from_secs(24 * 3600);
 
+/// `POST /audiences/update`: ids per call.
+pub const AUDIENCE_UPDATE_MAX_IDS: usize = 10_000;
+/// Audience API requests per second *(unconfirmed: "about 1 request per second")*.
+pub const AUDIENCE_REQUESTS_PER_SECOND: u32 = 1;
+/// A custom audience's name: letters, digits, `_` and `-`.
+pub const MAX_AUDIENCE_NAME_CHARS: usize = 255;
+
 /// Native profile attributes; every other attribute is custom and follows `[a-z0-9_]{1,30}`.
 pub const NATIVE_ATTRIBUTES: [&str; 7] = [
     "$email_address",
