@@ -808,6 +808,78 @@ schedule = "every hour"
     }
 
     #[test]
+    fn traits_events_and_custom_audiences_are_configured_and_checked() {
+        let config = parse(&format!(
+            r#"{MINIMAL}
+[[audience]]
+name = "VIP"
+query = "SELECT user_id FROM vip"
+send_track = true
+mode = "custom_audience"
+[[computed_trait]]
+name = "Total Revenue 180 Days"
+query = "SELECT user_id, revenue FROM totals"
+send_track = true
+track_event = "revenue_computed"
+[[computed_trait]]
+name = "Avatar"
+query = "SELECT user_id, avatar FROM people"
+type = "url"
+"#
+        ))
+        .unwrap();
+        let [vip, revenue, avatar] = &config.definitions[..] else {
+            panic!("three definitions")
+        };
+        assert_eq!(vip.custom_audience.as_deref(), Some("vip"));
+        assert!(
+            !vip.send_identify,
+            "the list replaces the attribute by default"
+        );
+        assert_eq!(vip.track_events.entered.as_str(), "audience_entered");
+        assert_eq!(vip.track_events.exited.as_str(), "audience_exited");
+        assert_eq!(revenue.kind, DefinitionKind::ComputedTrait);
+        assert_eq!(revenue.key.as_str(), "total_revenue_180_days");
+        assert_eq!(revenue.track_events.entered.as_str(), "revenue_computed");
+        assert!(revenue.send_identify);
+        assert_eq!(avatar.value_type, ValueType::Url);
+
+        let problems = problems(&format!(
+            r#"{MINIMAL}
+[[audience]]
+name = "A"
+query = "SELECT 1"
+mode = "list"
+[[audience]]
+name = "B"
+query = "SELECT 1"
+type = "url"
+[[computed_trait]]
+name = "C"
+query = "SELECT 1, 2"
+send_track = true
+track_event = "Trait Computed"
+[[computed_trait]]
+name = "D"
+query = "SELECT 1, 2"
+track_event = "d_done"
+[[computed_trait]]
+name = "E"
+query = "SELECT 1, 2"
+send_identify = false
+"#
+        ));
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+        assert!(problems[0].contains("[[audience]] #1") && problems[0].contains("\"list\""));
+        assert!(problems[1].contains("\"B\"") && problems[1].contains("computed traits only"));
+        assert!(
+            problems[2].contains("[[computed_trait]] #1") && problems[2].contains("track_event")
+        );
+        assert!(problems[3].contains("send_track is off"));
+        assert!(problems[4].contains("nothing to send"));
+    }
+
+    #[test]
     fn daemon_settings_and_time_zones_are_checked() {
         let config = parse(&format!(
             "{MINIMAL}\n[admin]\nlisten = \"off\"\n[daemon]\njitter_seconds = 5\n\

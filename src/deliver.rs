@@ -545,7 +545,11 @@ impl Deliverer {
             // The budget is spent once per call: a call Batch refused with 429 or 5xx did not
             // count against its limit, and its retries are spaced by the backoff instead. The
             // Audience API counts requests; the profile endpoints count profiles.
-            let cost = if lane == Lane::Audience { 1 } else { part.len() };
+            let cost = if lane == Lane::Audience {
+                1
+            } else {
+                part.len()
+            };
             tokio::select! {
                 _ = self.limiter(lane).acquire(cost) => {}
                 // A stop must not wait for a rate budget that may be seconds away.
@@ -722,9 +726,11 @@ impl Deliverer {
                 .copied()
                 .filter(|&index| {
                     let sent = claim.changes[index].attribute.as_deref();
-                    error.attribute.as_deref().zip(sent).is_some_and(
-                        |(reported, sent)| attribute_matches(reported, sent),
-                    )
+                    error
+                        .attribute
+                        .as_deref()
+                        .zip(sent)
+                        .is_some_and(|(reported, sent)| attribute_matches(reported, sent))
                 })
                 .collect();
             // An error that names no attribute we sent concerns the whole operation.
@@ -762,10 +768,12 @@ impl Deliverer {
             .rejected
             .fetch_add(rejected.len() as u64, Ordering::Relaxed);
         outbox::settle(&self.pool, &claim.token, lane, &acknowledged, &rejected).await?;
+        // A row that moves on to another lane is counted when it finishes there.
         self.record_progress(
             acknowledged
                 .iter()
                 .copied()
+                .filter(|change| lane.next_for(change).is_none())
                 .chain(rejected.iter().map(|(c, _)| *c)),
         );
         Ok(())
@@ -878,7 +886,10 @@ mod tests {
         assert_eq!(shape, vec![(15, 15), (5, 5)]);
         assert_eq!(
             planned[0].operation.events[0].attributes,
-            json!({"trait_key": "k0", "k0": 0}).as_object().unwrap().clone()
+            json!({"trait_key": "k0", "k0": 0})
+                .as_object()
+                .unwrap()
+                .clone()
         );
 
         let bulk = plan_operations(&changes, Lane::Bulk);

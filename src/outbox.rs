@@ -53,7 +53,7 @@ impl Lane {
 
     /// Where a row goes once this lane delivered its part and others remain: the event goes
     /// through `/profiles/update`, the list last.
-    fn next_for(self, change: &ClaimedChange) -> Option<Lane> {
+    pub fn next_for(self, change: &ClaimedChange) -> Option<Lane> {
         let event_left = self != Lane::Incremental && change.event.is_some();
         let list_left = self != Lane::Audience && change.audience.is_some();
         if event_left {

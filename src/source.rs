@@ -94,12 +94,14 @@ impl ValueMapping {
                         format('a string of %s characters; Batch takes at most {limit}', length({expression})) END"
             )
         };
-        let date = |text_sql: &str, finite_sql: &str| Self {
+        let date = |text_sql: &str, finite_sql: &str| {
+            Self {
             attribute: format!("date({key})"),
             json_sql: format!("to_jsonb({text_sql})"),
             problem_sql: format!(
                 "CASE WHEN NOT isfinite({finite_sql}) THEN 'an infinite date; Batch takes real dates' END"
             ),
+        }
         };
         let is_text = matches!(
             type_name,
@@ -160,7 +162,7 @@ impl ValueMapping {
                                       WHERE jsonb_typeof(e) <> 'string') \
                            THEN 'a JSON array holding something else than strings' \
                          ELSE {} END END",
-                    string_problem("(q.v::jsonb #>> '{{}}')", MAX_STRING_VALUE_CHARS),
+                    string_problem("(q.v::jsonb #>> '{}')", MAX_STRING_VALUE_CHARS),
                     array_problem(
                         "ARRAY(SELECT jsonb_array_elements_text(q.v::jsonb))"
                     ),
@@ -219,7 +221,8 @@ pub async fn stage(
                 return Err(SourceError::Shape {
                     definition: label(),
                     columns: columns.len(),
-                    expected: "an audience query returns one column, the user id (Batch's custom_id)",
+                    expected:
+                        "an audience query returns one column, the user id (Batch's custom_id)",
                 });
             }
             // `q(c)` names the single column whatever the query called it.
@@ -230,15 +233,17 @@ pub async fn stage(
                 return Err(SourceError::Shape {
                     definition: label(),
                     columns: columns.len(),
-                    expected: "a computed trait's query returns two columns, the user id and the value",
+                    expected:
+                        "a computed trait's query returns two columns, the user id and the value",
                 });
             }
             let type_name = columns[1].type_info().name().to_owned();
-            let mapping = ValueMapping::for_trait(key, &type_name, definition.value_type)
-                .map_err(|message| SourceError::ValueType {
+            let mapping = ValueMapping::for_trait(key, &type_name, definition.value_type).map_err(
+                |message| SourceError::ValueType {
                     definition: label(),
                     message,
-                })?;
+                },
+            )?;
             (mapping, "q(c, v)")
         }
     };
@@ -441,7 +446,30 @@ pub fn database_message(error: &sqlx::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::push_copy_text;
+    use super::{push_copy_text, ValueMapping};
+    use crate::config::ValueType;
+
+    #[test]
+    fn trait_columns_map_to_batch_attribute_names() {
+        let attribute = |type_name: &str, value_type: ValueType| {
+            ValueMapping::for_trait("k", type_name, value_type).map(|mapping| mapping.attribute)
+        };
+        assert_eq!(attribute("INT8", ValueType::FromColumn).unwrap(), "k");
+        assert_eq!(attribute("TEXT[]", ValueType::FromColumn).unwrap(), "k");
+        assert_eq!(
+            attribute("TIMESTAMPTZ", ValueType::FromColumn).unwrap(),
+            "date(k)"
+        );
+        assert_eq!(attribute("DATE", ValueType::FromColumn).unwrap(), "date(k)");
+        assert_eq!(attribute("TEXT", ValueType::Url).unwrap(), "url(k)");
+        let error = attribute("INT4", ValueType::Url).unwrap_err();
+        assert!(error.contains("INT4"), "{error}");
+        let error = attribute("BYTEA", ValueType::FromColumn).unwrap_err();
+        assert!(
+            error.contains("BYTEA") && error.contains("cast it"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn copy_text_escapes_separators() {

@@ -12,7 +12,9 @@ use tracing::{error, info, warn};
 use crate::batch::client::BatchClient;
 use crate::config::{Config, Definition};
 use crate::db;
-use crate::deliver::{self, plan_list_changes, plan_operations, Deliverer, DeliveryTotals, DrainEnd};
+use crate::deliver::{
+    self, plan_list_changes, plan_operations, Deliverer, DeliveryTotals, DrainEnd,
+};
 use crate::diff::{self, DiffReport, Forms};
 use crate::outbox::{ClaimedChange, Lane};
 use crate::source::{self, Source, StageReport};
@@ -612,13 +614,12 @@ pub async fn retire(app: &App, key: &str) -> anyhow::Result<RetireReport> {
         anyhow::bail!("no definition with the key {key} has ever been synced here");
     }
     // How the definition reached Batch, as recorded by its last run (older rows: the attribute).
-    let (attribute, audience): (Option<String>, Option<String>) = sqlx::query_as(
-        "SELECT attribute, custom_audience FROM definitions WHERE key = $1",
-    )
-    .bind(key)
-    .fetch_optional(&app.pool)
-    .await?
-    .unwrap_or((Some(key.to_owned()), None));
+    let (attribute, audience): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT attribute, custom_audience FROM definitions WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&app.pool)
+            .await?
+            .unwrap_or((Some(key.to_owned()), None));
     let forms = Forms {
         attribute,
         event: None,
@@ -626,8 +627,7 @@ pub async fn retire(app: &App, key: &str) -> anyhow::Result<RetireReport> {
     };
     let mut tx = app.pool.begin().await?;
     let profiles =
-        diff::enqueue_retirement(&mut tx, key, &forms, app.config.delivery.bulk_threshold)
-            .await?;
+        diff::enqueue_retirement(&mut tx, key, &forms, app.config.delivery.bulk_threshold).await?;
     tx.commit().await?;
     info!(definition = %key, profiles, "Retiring: deleting the attribute from every profile holding it.");
 

@@ -131,7 +131,8 @@ impl BatchClient {
     /// Creates the custom audience `name` (a list of custom ids). One that exists already (409)
     /// counts as created. Rate limits and server errors are retried a few times.
     pub async fn create_audience(&self, name: &str, display_name: &str) -> Result<(), String> {
-        let body = serde_json::json!({"name": name, "display_name": display_name, "type": "custom_ids"});
+        let body =
+            serde_json::json!({"name": name, "display_name": display_name, "type": "custom_ids"});
         let mut attempt = 0;
         loop {
             match self.post(Endpoint::AudiencesCreate, &body).await {

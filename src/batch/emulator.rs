@@ -401,7 +401,11 @@ fn authenticate(shared: &Shared, version: &str, headers: &HeaderMap) -> Option<R
             && minor.chars().all(|c| c.is_ascii_digit())
     });
     if !well_formed_version {
-        return Some(error(StatusCode::NOT_FOUND, "NOT_FOUND", "unknown API version"));
+        return Some(error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "unknown API version",
+        ));
     }
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     let expected_bearer = format!("Bearer {}", shared.config.rest_api_key);
@@ -443,9 +447,7 @@ fn answer(
         return too_many_requests();
     }
     let response = match endpoint {
-        Endpoint::Update | Endpoint::MassUpdate => {
-            answer_profiles(shared, endpoint, body, &faults)
-        }
+        Endpoint::Update | Endpoint::MassUpdate => answer_profiles(shared, endpoint, body, &faults),
         Endpoint::AudiencesCreate => answer_audiences_create(shared, body),
         Endpoint::AudiencesUpdate => answer_audiences_update(shared, body),
     };
@@ -461,7 +463,6 @@ fn answer(
 
 /// `/profiles/update` and `/profiles/mass-update`, past authentication and injected faults.
 fn answer_profiles(shared: &Shared, endpoint: Endpoint, body: &[u8], faults: &Faults) -> Response {
-
     let operations = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Array(operations)) => operations,
         Ok(_) => {
@@ -598,7 +599,13 @@ async fn audiences_create(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    handle(&shared, Endpoint::AudiencesCreate, &version, &headers, &body)
+    handle(
+        &shared,
+        Endpoint::AudiencesCreate,
+        &version,
+        &headers,
+        &body,
+    )
 }
 
 async fn audiences_update(
@@ -607,7 +614,13 @@ async fn audiences_update(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    handle(&shared, Endpoint::AudiencesUpdate, &version, &headers, &body)
+    handle(
+        &shared,
+        Endpoint::AudiencesUpdate,
+        &version,
+        &headers,
+        &body,
+    )
 }
 
 /// Audience names: letters, digits, `_` and `-`, case-sensitive.
@@ -807,7 +820,11 @@ async fn audiences_view(
             "indexing_state": "INDEXED",
         }))
         .into_response(),
-        None => error(StatusCode::NOT_FOUND, "AUDIENCE_NOT_FOUND", "no such audience"),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "AUDIENCE_NOT_FOUND",
+            "no such audience",
+        ),
     }
 }
 

@@ -8,3 +8,4 @@ mod daemon;
 mod delivery;
 mod lifecycle;
 mod sync;
+mod traits;
