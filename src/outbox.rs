@@ -462,15 +462,24 @@ pub async fn pending(pool: &PgPool, only: Option<&[String]>) -> Result<i64, sqlx
     .await
 }
 
-/// Whether any change of the given definitions (all when `None`) still waits in a lane.
+/// Whether any change of the given definitions (all when `None`) still waits in a lane, or will
+/// reach it once an earlier lane delivered its part.
 pub async fn has_pending_in_lane(
     pool: &PgPool,
     lane: Lane,
     only: Option<&[String]>,
 ) -> Result<bool, sqlx::Error> {
+    // Rows still in an earlier lane count too when they carry a part for this one: a worker
+    // that stopped before they moved over would leave them behind.
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM outbox \
-         WHERE lane = $1 AND ($2::text[] IS NULL OR definition_key = ANY($2)))",
+                        WHERE lane = $1 AND ($2::text[] IS NULL OR definition_key = ANY($2))) \
+             OR ($1 = 'incremental' AND EXISTS (SELECT 1 FROM outbox \
+                        WHERE event IS NOT NULL AND lane = 'bulk' \
+                          AND ($2::text[] IS NULL OR definition_key = ANY($2)))) \
+             OR ($1 = 'audience' AND EXISTS (SELECT 1 FROM outbox \
+                        WHERE audience IS NOT NULL AND lane <> 'audience' \
+                          AND ($2::text[] IS NULL OR definition_key = ANY($2))))",
     )
     .bind(lane.as_str())
     .bind(only)

@@ -138,7 +138,7 @@ impl SyncReport {
         }) = &self.drain
         {
             return Some(format!(
-                "{pending} change(s) still pending when the delivery deadline passed (last error: {}); \
+                "{pending} change(s) still pending when delivery ended (deadline passed or stop requested; last error: {}); \
                  they stay in the outbox for the next run",
                 last_error.as_deref().unwrap_or("none")
             ));
@@ -432,7 +432,9 @@ async fn ensure_custom_audience(
     app.client
         .create_audience(audience, &definition.name)
         .await
-        .map_err(|reason| anyhow::anyhow!(reason))?;
+        .map_err(|reason| {
+            anyhow::anyhow!("creating custom audience \"{audience}\" on Batch: {reason}")
+        })?;
     sqlx::query(
         "UPDATE definitions SET custom_audience = $2, custom_audience_created_at = now() \
          WHERE key = $1",

@@ -386,3 +386,24 @@ async fn a_custom_audience_adds_and_removes_exactly_the_changed_ids() {
     .unwrap();
     assert_eq!(created, 2, "each list is created once");
 }
+
+/// A first sync's attributes go through the bulk lane and its events through `/profiles/update`
+/// afterwards: the incremental worker must wait for rows still in the bulk lane rather than
+/// declare the pass done while their events have yet to move over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_with_events_delivers_them_all_in_the_same_pass() {
+    let env = TestEnv::new().await;
+    let members = ids("u", 0..1_500);
+    env.set_members("big", &members).await;
+    let app = env
+        .app(&format!("{}send_track = true\n", audience("Big", "big")))
+        .await;
+    let report = sync(&app).await;
+    assert!(report.is_success(), "{:?}", report.failure_reason());
+    assert_eq!(env.outbox_len().await, 0);
+    let recorded = env.take_recorded();
+    assert_eq!(values_by_user(&recorded, "big").len(), members.len());
+    let events = events_by_user(&recorded);
+    assert_eq!(events.len(), members.len());
+    assert!(events.values().all(|events| events.len() == 1));
+}
