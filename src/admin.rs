@@ -199,7 +199,12 @@ async fn render(state: &AdminState) -> Result<String, sqlx::Error> {
         family.sample(
             "engage_sync_operations_sent_total",
             &[("lane", "incremental")],
-            totals.operations - totals.bulk_operations,
+            totals.operations - totals.bulk_operations - totals.audience_operations,
+        );
+        family.sample(
+            "engage_sync_operations_sent_total",
+            &[("lane", "audience")],
+            totals.audience_operations,
         );
     }
     for (name, help, value) in [
@@ -243,7 +248,7 @@ async fn render(state: &AdminState) -> Result<String, sqlx::Error> {
             "gauge",
             "Changes waiting for delivery, by lane.",
         );
-        for lane in ["bulk", "incremental"] {
+        for lane in ["audience", "bulk", "incremental"] {
             let count = depth
                 .iter()
                 .find(|(name, _)| name == lane)

@@ -251,13 +251,19 @@ pub fn render_sync_report(report: &SyncReport, dry_run: bool) -> String {
             }
             _ => {
                 out.push_str(&format!(
-                    "{}: {} rows, {} skipped, {} duplicates; {verb} {} entered, {} left{}{} [{}]\n",
+                    "{}: {} rows, {} skipped, {} duplicates; {verb} {} entered, {} left{}{}{} [{}]\n",
                     definition.key,
                     definition.source_rows,
                     definition.skipped_rows,
                     definition.duplicate_rows,
                     definition.added,
                     definition.removed,
+                    // Only computed traits have members whose value changes in place.
+                    if definition.changed > 0 {
+                        format!(", {} changed value", definition.changed)
+                    } else {
+                        String::new()
+                    },
                     if definition.held_back > 0 {
                         format!(", {} held back (refused before)", definition.held_back)
                     } else {

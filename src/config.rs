@@ -808,6 +808,15 @@ schedule = "every hour"
     }
 
     #[test]
+    fn the_annotated_sample_config_is_valid() {
+        let config = parse(include_str!("../config.toml")).expect("config.toml parses");
+        assert!(config
+            .definitions
+            .iter()
+            .any(|d| d.kind == DefinitionKind::ComputedTrait));
+    }
+
+    #[test]
     fn traits_events_and_custom_audiences_are_configured_and_checked() {
         let config = parse(&format!(
             r#"{MINIMAL}

@@ -67,6 +67,8 @@ pub struct DeliveryStats {
     pub rate_limited: AtomicU64,
     pub split_calls: AtomicU64,
     pub bulk_operations: AtomicU64,
+    /// List changes sent to custom audiences (one id added or removed each).
+    pub audience_operations: AtomicU64,
 }
 
 /// A copy of [`DeliveryStats`] at one moment.
@@ -80,6 +82,7 @@ pub struct DeliveryTotals {
     pub rate_limited: u64,
     pub split_calls: u64,
     pub bulk_operations: u64,
+    pub audience_operations: u64,
 }
 
 impl DeliveryStats {
@@ -94,6 +97,7 @@ impl DeliveryStats {
             rate_limited: get(&self.rate_limited),
             split_calls: get(&self.split_calls),
             bulk_operations: get(&self.bulk_operations),
+            audience_operations: get(&self.audience_operations),
         }
     }
 }
@@ -587,10 +591,13 @@ impl Deliverer {
                         self.stats
                             .operations
                             .fetch_add(part.len() as u64, Ordering::Relaxed);
-                        if lane == Lane::Bulk {
-                            self.stats
-                                .bulk_operations
-                                .fetch_add(part.len() as u64, Ordering::Relaxed);
+                        let per_lane = match lane {
+                            Lane::Bulk => Some(&self.stats.bulk_operations),
+                            Lane::Audience => Some(&self.stats.audience_operations),
+                            Lane::Incremental => None,
+                        };
+                        if let Some(counter) = per_lane {
+                            counter.fetch_add(part.len() as u64, Ordering::Relaxed);
                         }
                         self.settle_accepted(claim, lane, &part, &partial_errors)
                             .await?;

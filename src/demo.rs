@@ -46,6 +46,17 @@ name = "Lapsed Buyers"
 query = """
 SELECT user_id FROM shop_orders WHERE status = 'completed'
 GROUP BY user_id HAVING max(completed_at) < now() - interval '60 days'"""
+
+[[computed_trait]]
+name = "Total Revenue 180 Days"
+query = """
+SELECT user_id, sum(total_cents) / 100.0 FROM shop_orders
+WHERE status = 'completed' AND completed_at > now() - interval '180 days'
+GROUP BY user_id"""
+
+[[computed_trait]]
+name = "Last Order At"
+query = "SELECT user_id, max(completed_at) FROM shop_orders WHERE status = 'completed' GROUP BY user_id"
 "#,
         project = emulator.project_key,
         key = emulator.rest_api_key,
