@@ -1,4 +1,5 @@
-//! The command line: `migrate`, `sync`, `status`, `emulator`, `demo`.
+//! The command line: `migrate`, `sync`, `run`, `status`, `backfill`, `retire`, `preview`,
+//! `replay`, `emulator`, `demo`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,6 +63,15 @@ pub enum Command {
     Retire {
         /// The orphaned key, as `status` lists it.
         key: String,
+    },
+    /// Read one Segment message (JSON) on stdin and print the Batch operation it becomes; each
+    /// rejected field goes to stderr with its reason. Sends nothing.
+    Preview,
+    /// Replay Segment identify/track messages (NDJSON; `-` for stdin) to Batch: identifies through
+    /// the bulk lane, messages already replayed or ingested are skipped.
+    Replay {
+        /// The NDJSON file, or `-` for stdin.
+        file: PathBuf,
     },
     /// Serve a local Batch-compatible API (for trials and tests).
     Emulator(EmulatorArgs),
@@ -177,6 +187,43 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", status::render(&rows));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Preview => {
+            // The mapping comes from the config when there is one; the seed's table otherwise.
+            let rules = if cli.config.exists() {
+                Config::load(&cli.config)?.mapping
+            } else {
+                crate::segment::MappingRules::default()
+            };
+            let mut input = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)?;
+            let preview = crate::segment::preview(&input, &rules, chrono::Utc::now());
+            print!("{}", preview.stdout);
+            eprint!("{}", preview.stderr);
+            Ok(if preview.mapped {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Replay { file } => {
+            let app = App::connect(Config::load(&cli.config)?).await?;
+            let report = if file.as_os_str() == "-" {
+                crate::replay::replay(&app, tokio::io::BufReader::new(tokio::io::stdin())).await?
+            } else {
+                let opened = tokio::fs::File::open(&file)
+                    .await
+                    .map_err(|error| anyhow::anyhow!("cannot open {}: {error}", file.display()))?;
+                crate::replay::replay(&app, tokio::io::BufReader::new(opened)).await?
+            };
+            print!("{}", crate::replay::render(&report));
+            Ok(match report.failure_reason() {
+                None => ExitCode::SUCCESS,
+                Some(reason) => {
+                    eprintln!("error: replay incomplete: {reason}");
+                    ExitCode::FAILURE
+                }
+            })
         }
         Command::Emulator(args) => {
             let config = EmulatorConfig {

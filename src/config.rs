@@ -13,6 +13,7 @@ use crate::batch::limits::{
     MASS_UPDATE_RATE_PER_SECOND, UPDATE_BURST, UPDATE_MAX_OPERATIONS, UPDATE_RATE_PER_SECOND,
 };
 use crate::domain::{AttributeKey, DefinitionKind};
+use crate::segment::{FieldMapping, MappingRules, Path as MessagePath};
 
 /// A value that must never reach a log line or an error message.
 #[derive(Clone, PartialEq, Eq)]
@@ -42,6 +43,17 @@ pub struct Config {
     pub delivery: DeliverySettings,
     pub daemon: DaemonSettings,
     pub definitions: Vec<Definition>,
+    /// How Segment identify/track messages become Batch operations.
+    pub mapping: MappingRules,
+    /// The Segment-style HTTP ingestion endpoint `run` serves; `None` when not configured.
+    pub ingest: Option<IngestSettings>,
+}
+
+/// `[ingest]`: where `run` accepts Segment's HTTP tracking API, and the write key it expects.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    pub listen: std::net::SocketAddr,
+    pub write_key: Secret,
 }
 
 /// How `engage-sync run` behaves.
@@ -202,6 +214,31 @@ struct RawConfig {
     audience: Vec<RawDefinition>,
     #[serde(default)]
     computed_trait: Vec<RawDefinition>,
+    #[serde(default)]
+    mapping: Vec<RawMapping>,
+    mapping_defaults: Option<RawMappingDefaults>,
+    ingest: Option<RawIngest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMapping {
+    from: String,
+    to: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMappingDefaults {
+    custom_traits: Option<bool>,
+    identifier_fallback: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    listen: Option<String>,
+    write_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -329,6 +366,8 @@ impl Config {
         let delivery = parse_delivery(raw.delivery, &mut problems);
         let daemon = parse_daemon(raw.daemon, raw.admin, &mut problems);
         let definitions = parse_definitions(raw.audience, raw.computed_trait, &mut problems);
+        let mapping = parse_mapping(raw.mapping, raw.mapping_defaults, &mut problems);
+        let ingest = parse_ingest(raw.ingest, &env_nonempty, &mut problems);
 
         if problems.is_empty() {
             Ok(Config {
@@ -338,6 +377,8 @@ impl Config {
                 delivery,
                 daemon,
                 definitions,
+                mapping,
+                ingest,
             })
         } else {
             Err(ConfigError::Invalid {
@@ -467,6 +508,70 @@ fn parse_delivery(raw: Option<RawDelivery>, problems: &mut Vec<String>) -> Deliv
         problems.push("[delivery] claim_lease_seconds must be at least 1".to_owned());
     }
     settings
+}
+
+fn parse_mapping(
+    mappings: Vec<RawMapping>,
+    defaults: Option<RawMappingDefaults>,
+    problems: &mut Vec<String>,
+) -> MappingRules {
+    let mut rules = MappingRules::default();
+    for (index, raw) in mappings.into_iter().enumerate() {
+        match FieldMapping::parse(&raw.from, &raw.to) {
+            Ok(mapping) => {
+                if rules.fields.iter().any(|other| other.to == mapping.to) {
+                    problems.push(format!(
+                        "[[mapping]] #{}: another mapping already writes attributes.{}",
+                        index + 1,
+                        mapping.to
+                    ));
+                }
+                rules.fields.push(mapping);
+            }
+            Err(problem) => problems.push(format!("[[mapping]] #{}: {problem}", index + 1)),
+        }
+    }
+    if let Some(defaults) = defaults {
+        rules.custom_traits = defaults.custom_traits.unwrap_or(rules.custom_traits);
+        if let Some(path) = defaults.identifier_fallback {
+            match MessagePath::parse(&path) {
+                Ok(path) => rules.identifier_fallback = Some(path),
+                Err(problem) => {
+                    problems.push(format!("[mapping_defaults] identifier_fallback: {problem}"))
+                }
+            }
+        }
+    }
+    rules
+}
+
+fn parse_ingest(
+    raw: Option<RawIngest>,
+    env: &impl Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<IngestSettings> {
+    let raw = raw?;
+    let listen = match raw.listen.as_deref().unwrap_or("127.0.0.1:8088").parse() {
+        Ok(address) => Some(address),
+        Err(_) => {
+            problems.push(format!(
+                "[ingest] listen {:?} is not host:port (for example \"127.0.0.1:8088\")",
+                raw.listen.unwrap_or_default()
+            ));
+            None
+        }
+    };
+    let write_key = env("ENGAGE_SYNC_WRITE_KEY").or(raw.write_key);
+    if write_key.is_none() {
+        problems.push(
+            "[ingest] write_key is missing (or set ENGAGE_SYNC_WRITE_KEY): the endpoint never runs open"
+                .to_owned(),
+        );
+    }
+    Some(IngestSettings {
+        listen: listen?,
+        write_key: Secret::new(write_key?),
+    })
 }
 
 fn parse_daemon(
@@ -907,6 +1012,7 @@ send_identify = false
         assert!(problems[1].contains("Mars/Olympus"));
     }
 
+    // Defect 13 of Segment's destination: its API version is a number, so 2.10 would become 2.1.
     #[test]
     fn api_version_must_be_a_string() {
         let text = MINIMAL.replace("[batch]", "[batch]\napi_version = 2.10");
@@ -914,6 +1020,32 @@ send_identify = false
         assert!(problems[0].contains("2.1"), "{problems:?}");
         let text = MINIMAL.replace("[batch]", "[batch]\napi_version = \"2.10\"");
         assert_eq!(parse(&text).unwrap().batch.api_version, "2.10");
+    }
+
+    #[test]
+    fn mappings_and_ingestion_are_configured_and_checked() {
+        let text = format!(
+            "{MINIMAL}\n[mapping_defaults]\ncustom_traits = false\nidentifier_fallback = \"anonymousId\"\n\
+             [[mapping]]\nfrom = \"traits.plan\"\nto = \"attributes.plan_tier\"\n\
+             [ingest]\nlisten = \"127.0.0.1:0\"\nwrite_key = \"wk\"\n"
+        );
+        let config = parse(&text).unwrap();
+        assert!(!config.mapping.custom_traits);
+        assert_eq!(config.mapping.fields[0].to, "plan_tier");
+        assert_eq!(config.ingest.unwrap().write_key.expose(), "wk");
+
+        let text = format!(
+            "{MINIMAL}\n[[mapping]]\nfrom = \"traits.plan\"\nto = \"plan\"\n\
+             [[mapping]]\nfrom = \"traits.a\"\nto = \"attributes.x\"\n\
+             [[mapping]]\nfrom = \"traits.b\"\nto = \"attributes.x\"\n\
+             [ingest]\nlisten = \"nowhere\"\n"
+        );
+        let problems = problems(&text);
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems[0].contains("[[mapping]] #1") && problems[0].contains("attributes."));
+        assert!(problems[1].contains("[[mapping]] #3") && problems[1].contains("already"));
+        assert!(problems[2].contains("[ingest] listen"));
+        assert!(problems[3].contains("write_key"));
     }
 
     #[test]

@@ -30,6 +30,8 @@ const DRAIN_POLL: Duration = Duration::from_millis(250);
 pub struct DaemonOptions {
     /// Receives the admin server's bound address (or `None` when it is off) once serving.
     pub on_ready: Option<oneshot::Sender<Option<SocketAddr>>>,
+    /// Receives the ingestion endpoint's bound address once serving (when `[ingest]` is set).
+    pub on_ingest_ready: Option<oneshot::Sender<SocketAddr>>,
 }
 
 struct Daemon {
@@ -78,6 +80,28 @@ pub async fn run(
         None => None,
     };
 
+    let ingest = match &app.config.ingest {
+        Some(settings) => {
+            let (bound, task) = crate::ingest::serve(
+                settings.listen,
+                app.pool.clone(),
+                app.config.mapping.clone(),
+                &settings.write_key,
+                Arc::clone(&deliverer),
+            )
+            .await
+            .with_context(|| {
+                format!("cannot serve the ingestion endpoint on {}", settings.listen)
+            })?;
+            info!(address = %bound, "Segment ingestion: POST /v1/identify, /v1/track, /v1/batch.");
+            if let Some(ready) = options.on_ingest_ready {
+                let _ = ready.send(bound);
+            }
+            Some(task)
+        }
+        None => None,
+    };
+
     // Lanes start at once: changes left in the outbox by an earlier crash go out first.
     let mut lanes = {
         let deliverer = Arc::clone(&deliverer);
@@ -114,6 +138,10 @@ pub async fn run(
         // The lanes end on their own only when Batch refused the credentials or the database failed.
         result = &mut lanes => Some(result),
     };
+    // No new message is taken in; every message answered 200 is already committed.
+    if let Some(task) = &ingest {
+        task.abort();
+    }
     daemon.stop.stop();
     deliverer.stop.stop();
     let lanes_result = match lanes_result {

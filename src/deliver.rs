@@ -204,6 +204,17 @@ pub fn plan_operations(changes: &[ClaimedChange], lane: Lane) -> Vec<PlannedOper
     planned
 }
 
+/// The position of the event a partial error names (`event 2: …`), when it names one.
+fn event_index(reason: &str) -> Option<usize> {
+    reason
+        .strip_prefix("event ")?
+        .split(':')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// One id's change in a custom audience and the outbox row it carries.
 #[derive(Debug, Clone)]
 pub struct PlannedListChange {
@@ -740,11 +751,24 @@ impl Deliverer {
                         .is_some_and(|(reported, sent)| attribute_matches(reported, sent))
                 })
                 .collect();
-            // An error that names no attribute we sent concerns the whole operation.
-            let affected = if named.is_empty() {
-                planned.changes().to_vec()
-            } else {
+            let affected = if !named.is_empty() {
                 named
+            } else if error.category == "event" && lane == Lane::Incremental {
+                // An event's error concerns the change that carried that event, not the
+                // attributes Batch applied beside it.
+                let with_events: Vec<usize> = planned
+                    .changes()
+                    .iter()
+                    .copied()
+                    .filter(|&index| claim.changes[index].event.is_some())
+                    .collect();
+                match event_index(&error.reason).and_then(|n| with_events.get(n)) {
+                    Some(&index) => vec![index],
+                    None => with_events,
+                }
+            } else {
+                // An error that names no attribute we sent concerns the whole operation.
+                planned.changes().to_vec()
             };
             for index in affected {
                 refused[index] = Some(reason.clone());
@@ -791,7 +815,7 @@ impl Deliverer {
         let mut per_definition: BTreeMap<&str, u64> = BTreeMap::new();
         for change in settled {
             *per_definition
-                .entry(change.definition_key.as_str())
+                .entry(outbox::family(&change.definition_key))
                 .or_default() += 1;
         }
         for (key, count) in per_definition {

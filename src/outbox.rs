@@ -106,6 +106,20 @@ impl Claim {
 /// value Batch had just acknowledged, and it would be sent twice.
 pub(crate) const SETTLE_LOCK_CLASS: i32 = 0x4553_0003;
 
+/// The group an outbox key belongs to, for settle locks and progress: a definition's own key, or
+/// for forwarded Segment messages (`identify:$email_address`, `track:<message id>`) the prefix
+/// with its colon, which no definition key can contain. Matches [`FAMILY_SQL`].
+pub fn family(key: &str) -> &str {
+    match key.find(':') {
+        Some(colon) => &key[..=colon],
+        None => key,
+    }
+}
+
+/// [`family`] of `definition_key`, in SQL.
+pub const FAMILY_SQL: &str =
+    "CASE WHEN strpos(definition_key, ':') > 0 THEN split_part(definition_key, ':', 1) || ':' ELSE definition_key END";
+
 /// First key of the advisory locks that serialise claims (the second is the lane).
 const CLAIM_LOCK_CLASS: i32 = 0x4553_0001;
 
@@ -285,7 +299,7 @@ pub async fn settle(
         .iter()
         .copied()
         .chain(rejected.iter().map(|(change, _)| *change))
-        .map(|change| change.definition_key.as_str())
+        .map(|change| family(&change.definition_key))
         .collect();
     definitions.sort_unstable();
     definitions.dedup();

@@ -30,10 +30,11 @@ pub struct Progress {
 impl Progress {
     /// Counts what the outbox holds for the drained definitions (all when `None`).
     pub async fn load(pool: &PgPool, only: Option<&[String]>) -> Result<Self, sqlx::Error> {
-        let totals: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT definition_key, count(*) FROM outbox \
+        let totals: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT {}, count(*) FROM outbox \
              WHERE ($1::text[] IS NULL OR definition_key = ANY($1)) GROUP BY 1 ORDER BY 1",
-        )
+            crate::outbox::FAMILY_SQL
+        ))
         .bind(only)
         .fetch_all(pool)
         .await?;

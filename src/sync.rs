@@ -562,6 +562,11 @@ async fn deliver_and_close(
     Ok((totals, end))
 }
 
+/// Drains everything pending in the outbox (for `replay`, which has no run to close).
+pub async fn deliver_pending(app: &App) -> anyhow::Result<(DeliveryTotals, DrainEnd)> {
+    deliver_and_close(app, &mut [], None).await
+}
+
 /// `backfill KEY`: stage the definition and send every current member again through the bulk
 /// lane (recovery after data loss on Batch's side); non-members get nothing.
 pub async fn backfill(app: &App, key: &str) -> anyhow::Result<SyncReport> {

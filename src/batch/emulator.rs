@@ -1026,14 +1026,7 @@ fn check_native(name: &str, value: &Value) -> Result<(), String> {
         }
         "$language" => text.len() == 2 && text.chars().all(|c| c.is_ascii_lowercase()),
         "$region" => text.len() == 2 && text.chars().all(|c| c.is_ascii_uppercase()),
-        // No time zone database here: accept the shape of an IANA name (Area/Location) or UTC.
-        "$timezone" => {
-            text == "UTC"
-                || (text.contains('/')
-                    && text
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '+')))
-        }
+        "$timezone" => text.parse::<chrono_tz::Tz>().is_ok(),
         _ => false,
     };
     if ok {
@@ -1089,6 +1082,11 @@ pub fn check_event(event: &Value, now: chrono::DateTime<chrono::Utc>) -> Result<
                     Value::Array(items) => check_string_array(items)?,
                     _ => return Err("$tags takes an array of strings".to_owned()),
                 },
+                typed if typed.ends_with(')') && typed.contains('(') => {
+                    // date(…) and url(…) are typed event attributes, as on profiles.
+                    check_attribute(typed, value)
+                        .map_err(|reason| format!("event attribute {typed}: {reason}"))?;
+                }
                 other if !is_custom_name(other) => {
                     return Err(format!(
                         "event attribute name {other:?} must match [a-z0-9_]{{1,30}}"

@@ -73,10 +73,12 @@ async fn migrate_sync_status_on_a_fresh_database() {
     let env = TestEnv::new().await;
     // A database without engage-sync's schema: `sync` must ask for `migrate` first.
     env.set_members("m", &ids("u", 0..25)).await;
-    sqlx::query("DROP TABLE _sqlx_migrations, runs, definitions, snapshot, outbox, rejections")
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "DROP TABLE _sqlx_migrations, runs, definitions, snapshot, outbox, rejections, events",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
     let config = config_file(&env, &audience("Order Completed Last 30 Days", "m"));
 
     let output = run(engage_sync(&config, &["sync"])).await;

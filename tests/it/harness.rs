@@ -171,6 +171,8 @@ claim_lease_seconds = 2
 /// A daemon running in the test's runtime.
 pub struct RunningDaemon {
     pub admin: Option<std::net::SocketAddr>,
+    /// The ingestion endpoint, when the config has `[ingest]`.
+    pub ingest: Option<std::net::SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -179,8 +181,11 @@ impl RunningDaemon {
     pub async fn start(app: App) -> Self {
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready, admin) = tokio::sync::oneshot::channel();
+        let (ingest_ready, ingest) = tokio::sync::oneshot::channel();
+        let serves_ingest = app.config.ingest.is_some();
         let options = engage_sync::daemon::DaemonOptions {
             on_ready: Some(ready),
+            on_ingest_ready: Some(ingest_ready),
         };
         let task = tokio::spawn(engage_sync::daemon::run(
             app,
@@ -190,8 +195,14 @@ impl RunningDaemon {
             options,
         ));
         let admin = admin.await.expect("the daemon starts");
+        let ingest = if serves_ingest {
+            Some(ingest.await.expect("the ingestion endpoint starts"))
+        } else {
+            None
+        };
         Self {
             admin,
+            ingest,
             shutdown: Some(shutdown),
             task,
         }

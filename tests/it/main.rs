@@ -7,5 +7,6 @@ mod cli;
 mod daemon;
 mod delivery;
 mod lifecycle;
+mod segment;
 mod sync;
 mod traits;
