@@ -186,6 +186,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", status::render(&rows));
             }
+            if let Some(forwarding) = status::load_forwarding(&pool).await? {
+                print!("{}", forwarding.render());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Preview => {

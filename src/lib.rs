@@ -1,6 +1,8 @@
-//! engage-sync: keeps Batch profiles in step with audiences defined as SQL.
+//! engage-sync: keeps Batch profiles in step with audiences and computed traits defined as SQL,
+//! and forwards Segment-style identify/track calls to Batch.
 //!
-//! The data path is `config` → `source` (staging) → `diff` (outbox) → `deliver` (Batch) → snapshot.
+//! The data path is `config` → `source` (staging) → `diff` (outbox) → `deliver` (Batch) → snapshot;
+//! Segment messages enter the same outbox through `ingest` / `replay` → `forward` (`segment` maps).
 //! See `docs/ARCHITECTURE.md` for the whole picture and the invariant that makes it crash-safe.
 
 pub mod admin;

@@ -22,6 +22,45 @@ pub struct DefinitionStatus {
     pub last_error: Option<String>,
 }
 
+/// Segment forwarding at a glance: messages stored, changes waiting, fields and messages refused.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ForwardingStatus {
+    pub messages: i64,
+    pub last_received_at: Option<DateTime<Utc>>,
+    pub pending: i64,
+    pub rejected: i64,
+}
+
+/// `None` when no Segment message was ever stored.
+pub async fn load_forwarding(pool: &PgPool) -> Result<Option<ForwardingStatus>, sqlx::Error> {
+    let status: ForwardingStatus = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events) AS messages, \
+                (SELECT max(received_at) FROM events) AS last_received_at, \
+                (SELECT count(*) FROM outbox \
+                 WHERE definition_key LIKE 'identify:%' OR definition_key LIKE 'track:%') AS pending, \
+                (SELECT count(*) FROM rejections \
+                 WHERE definition_key LIKE 'identify:%' OR definition_key LIKE 'track:%' \
+                    OR definition_key LIKE 'message:%') AS rejected",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((status.messages > 0).then_some(status))
+}
+
+impl ForwardingStatus {
+    pub fn render(&self) -> String {
+        format!(
+            "Segment forwarding: {} message(s) stored (last received {}), {} change(s) pending, {} rejection(s).\n",
+            self.messages,
+            self.last_received_at
+                .map(|at| at.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_else(|| "-".to_owned()),
+            self.pending,
+            self.rejected
+        )
+    }
+}
+
 /// Loads every definition ever registered; those not in `configured_keys` are marked orphaned.
 pub async fn load(
     pool: &PgPool,

@@ -366,6 +366,18 @@ async fn replay_sends_identifies_in_bulk_and_nothing_new_the_second_time() {
     .await
     .unwrap();
     assert!(stale_reason.contains("24 hours"), "{stale_reason}");
+    let forwarding = engage_sync::status::load_forwarding(&env.pool)
+        .await
+        .unwrap()
+        .expect("messages were stored");
+    assert_eq!(
+        (forwarding.messages, forwarding.pending, forwarding.rejected),
+        (6, 0, 2),
+        "the message without userId and the stale event are on record"
+    );
+    assert!(forwarding
+        .render()
+        .starts_with("Segment forwarding: 6 message(s) stored"));
 
     // Twice: every message is already stored, nothing is sent.
     let again = engage_sync::replay::replay(&app, ndjson(&lines))
