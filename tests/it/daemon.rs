@@ -168,6 +168,17 @@ async fn a_daemon_killed_mid_backfill_resumes_without_resending_acknowledged_chu
     )
     .await;
     runtime.shutdown_background();
+    // A killed process's sockets close and PostgreSQL ends its sessions, releasing their locks and
+    // rolling back an open claim. A dropped runtime may leave a pooled connection alive instead,
+    // so end the dead daemon's sessions as the kernel would (it is the only engage-sync client),
+    // and wait until they are gone, so no commit of theirs lands after the snapshot is read.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'engage-sync'",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
     let acknowledged = env.snapshot("members").await;
     assert!(acknowledged.len() < members.len(), "killed before the end");
     env.take_recorded();
@@ -175,7 +186,7 @@ async fn a_daemon_killed_mid_backfill_resumes_without_resending_acknowledged_chu
     let daemon = RunningDaemon::start(env.app(&definition).await).await;
     wait_until(
         "the backfill to resume and finish",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         async || env.snapshot("members").await.len() == members.len(),
     )
     .await;

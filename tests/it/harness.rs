@@ -24,6 +24,20 @@ fn server() -> &'static PgServer {
     })
 }
 
+/// With `RUST_LOG` set, the crate's logs go to each test's captured output (shown when it fails, or
+/// with `--nocapture`), so a failure seen only in CI can be read after the fact.
+fn init_test_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        if let Ok(filter) = std::env::var("RUST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 /// A database of its own plus an emulator of its own.
 pub struct TestEnv {
     pub database_url: String,
@@ -39,6 +53,7 @@ impl TestEnv {
     }
 
     pub async fn with_emulator(emulator_config: EmulatorConfig) -> Self {
+        init_test_logs();
         let server = tokio::task::spawn_blocking(server)
             .await
             .expect("server lookup");
