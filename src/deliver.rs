@@ -299,6 +299,8 @@ pub struct Deliverer {
     next_claim: AtomicU64,
     /// Wakes idle workers of a long-running deliverer when a diff enqueued changes.
     work_arrived: Notify,
+    /// Rows settled since the outbox was last swept (see [`outbox::sweep`]).
+    settled_since_sweep: AtomicU64,
 }
 
 enum StepEnd {
@@ -344,6 +346,7 @@ impl Deliverer {
             instance: outbox::new_instance_id(),
             next_claim: AtomicU64::new(0),
             work_arrived: Notify::new(),
+            settled_since_sweep: AtomicU64::new(0),
         }
     }
 
@@ -496,6 +499,7 @@ impl Deliverer {
             )
             .await?;
             if claim.changes.is_empty() {
+                self.sweep_after_large_settles().await;
                 match until {
                     Until::Drained { .. } => {
                         if !outbox::has_pending_in_lane(&self.pool, lane, only).await? {
@@ -637,7 +641,7 @@ impl Deliverer {
                         self.stats
                             .rejected
                             .fetch_add(rejected.len() as u64, Ordering::Relaxed);
-                        outbox::settle(&self.pool, &claim.token, lane, &[], &rejected).await?;
+                        self.settle(&claim.token, lane, &[], &rejected).await?;
                         self.record_progress(rejected.iter().map(|(change, _)| *change));
                         break;
                     }
@@ -798,7 +802,8 @@ impl Deliverer {
         self.stats
             .rejected
             .fetch_add(rejected.len() as u64, Ordering::Relaxed);
-        outbox::settle(&self.pool, &claim.token, lane, &acknowledged, &rejected).await?;
+        self.settle(&claim.token, lane, &acknowledged, &rejected)
+            .await?;
         // A row that moves on to another lane is counted when it finishes there.
         self.record_progress(
             acknowledged
@@ -808,6 +813,47 @@ impl Deliverer {
                 .chain(rejected.iter().map(|(c, _)| *c)),
         );
         Ok(())
+    }
+
+    /// Settles through [`outbox::settle`], counting the rows for [`Self::sweep_after_large_settles`].
+    async fn settle(
+        &self,
+        token: &str,
+        lane: Lane,
+        acknowledged: &[&ClaimedChange],
+        rejected: &[(&ClaimedChange, String)],
+    ) -> Result<(), sqlx::Error> {
+        outbox::settle(&self.pool, token, lane, acknowledged, rejected).await?;
+        self.settled_since_sweep.fetch_add(
+            (acknowledged.len() + rejected.len()) as u64,
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// Once a lane ran dry after many rows were settled (a backfill), sweeps the outbox's dead rows
+    /// and refreshes the statistics, so the next diff and claims do not pay for them. Autovacuum
+    /// would come too, but only after a minute or more, and a daemon's next run may be sooner.
+    async fn sweep_after_large_settles(&self) {
+        let settled = self.settled_since_sweep.load(Ordering::Relaxed);
+        if settled < outbox::SWEEP_AFTER_ROWS
+            || self
+                .settled_since_sweep
+                .compare_exchange(settled, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let started = Instant::now();
+        match outbox::sweep(&self.pool).await {
+            Ok(()) => info!(
+                settled,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Swept the outbox after a large delivery."
+            ),
+            // Only an optimisation: autovacuum does the same later.
+            Err(error) => warn!(%error, "Sweeping the outbox failed; autovacuum will do it."),
+        }
     }
 
     fn record_progress<'a>(&self, settled: impl Iterator<Item = &'a ClaimedChange>) {

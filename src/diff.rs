@@ -5,6 +5,7 @@
 use sqlx::{Executor, PgConnection};
 
 use crate::config::Definition;
+use crate::domain::DefinitionKind;
 use crate::outbox::Lane;
 
 /// What one definition's diff put in the outbox.
@@ -135,19 +136,22 @@ pub async fn diff_into_outbox(
     .bind(key)
     .execute(&mut *conn)
     .await?;
-    // Values Batch would refuse are recorded as refused, with the reason, and never sent.
-    sqlx::query(
-        "INSERT INTO rejections (definition_key, custom_id, attribute, value, reason) \
-         SELECT $1, custom_id, $2, coalesce(value, 'null'::jsonb), problem \
-         FROM staging WHERE problem IS NOT NULL \
-         ON CONFLICT (definition_key, custom_id) DO UPDATE \
-         SET attribute = EXCLUDED.attribute, value = EXCLUDED.value, \
-             reason = EXCLUDED.reason, rejected_at = now()",
-    )
-    .bind(key)
-    .bind(forms.attribute.as_deref())
-    .execute(&mut *conn)
-    .await?;
+    // Values Batch would refuse are recorded as refused, with the reason, and never sent. Only a
+    // trait's value can be refused: an audience's is always `true`, so its staging is not scanned.
+    if definition.kind == DefinitionKind::ComputedTrait {
+        sqlx::query(
+            "INSERT INTO rejections (definition_key, custom_id, attribute, value, reason) \
+             SELECT $1, custom_id, $2, coalesce(value, 'null'::jsonb), problem \
+             FROM staging WHERE problem IS NOT NULL \
+             ON CONFLICT (definition_key, custom_id) DO UPDATE \
+             SET attribute = EXCLUDED.attribute, value = EXCLUDED.value, \
+                 reason = EXCLUDED.reason, rejected_at = now()",
+        )
+        .bind(key)
+        .bind(forms.attribute.as_deref())
+        .execute(&mut *conn)
+        .await?;
+    }
 
     // From here to commit, settles of this definition wait: the enqueue below sees every value
     // acknowledged so far, and none is acknowledged behind its back.
@@ -196,9 +200,13 @@ pub async fn diff_into_outbox(
         conn,
         key,
         // `changes` was computed before the lock: values acknowledged since are not sent again.
+        // A correlated scalar subquery is always one primary-key probe per change; an anti join
+        // would be planned against the snapshot's statistics, and right after a backfill those
+        // still describe an empty table (a sort of the whole snapshot for a 1% churn).
         "SELECT c.custom_id, c.desired FROM changes c WHERE NOT c.held_back \
-           AND NOT EXISTS (SELECT 1 FROM snapshot p WHERE p.definition_key = $1 \
-                             AND p.custom_id = c.custom_id AND p.value = c.desired)",
+           AND (SELECT p.value FROM snapshot p \
+                WHERE p.definition_key = $1 AND p.custom_id = c.custom_id) \
+               IS DISTINCT FROM c.desired",
         forms,
         lane,
     )

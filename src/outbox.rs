@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{Executor, PgPool};
 
 use crate::batch::client::Endpoint;
 use crate::batch::limits::{
@@ -474,6 +474,22 @@ pub async fn pending(pool: &PgPool, only: Option<&[String]>) -> Result<i64, sqlx
     .bind(only)
     .fetch_one(pool)
     .await
+}
+
+/// Rows settled after which a drained lane sweeps the outbox (see [`sweep`]).
+pub const SWEEP_AFTER_ROWS: u64 = 10_000;
+
+/// Vacuums the outbox (every settled row leaves a dead one behind) and refreshes the statistics
+/// of the outbox and the snapshot. Left to autovacuum, a diff or claim run right after a backfill
+/// scans a million dead rows and plans against the statistics of an empty snapshot; where
+/// autovacuum is off, the bloat would only grow. The snapshot is only analysed: vacuuming it means
+/// a full scan of its index, seconds at ten million members, for the few rows a run updates.
+/// Tables another replica is sweeping are skipped rather than waited for.
+pub async fn sweep(pool: &PgPool) -> Result<(), sqlx::Error> {
+    // VACUUM cannot run inside a transaction block.
+    pool.execute("VACUUM (ANALYZE, SKIP_LOCKED) outbox").await?;
+    pool.execute("ANALYZE (SKIP_LOCKED) snapshot").await?;
+    Ok(())
 }
 
 /// Whether any change of the given definitions (all when `None`) still waits in a lane, or will

@@ -326,12 +326,18 @@ pub(crate) async fn diff_definition(
     outcome.run_id = Some(run_id);
     let started = Instant::now();
 
+    // How long the query (into staging) and the diff took, for logs and benchmarks.
+    let mut query_elapsed = Duration::ZERO;
+    let mut diff_elapsed = Duration::ZERO;
     let result: anyhow::Result<(StageReport, DiffReport)> = async {
         if let Some(audience) = &definition.custom_audience {
             ensure_custom_audience(app, definition, audience).await?;
         }
         let mut tx = app.pool.begin().await?;
+        let query_started = Instant::now();
         let stage = source::stage(&mut tx, app.source(), definition).await?;
+        query_elapsed = query_started.elapsed();
+        let diff_started = Instant::now();
         let forms = Forms::of(definition, &stage.attribute);
         // Kept so `retire` can undo the definition once it left the configuration.
         sqlx::query("UPDATE definitions SET attribute = $2, custom_audience = $3 WHERE key = $1")
@@ -359,6 +365,7 @@ pub(crate) async fn diff_definition(
                 }
             }
         };
+        diff_elapsed = diff_started.elapsed();
         sqlx::query(
             "UPDATE runs SET lane = $2, source_rows = $3, skipped_rows = $4, duplicate_rows = $5, \
                  added = $6, removed = $7, changed = $8 WHERE id = $1",
@@ -390,6 +397,8 @@ pub(crate) async fn diff_definition(
                 changed = diff.changed,
                 held_back = diff.held_back,
                 lane = diff.lane.map(|l| l.as_str()).unwrap_or("-"),
+                query_ms = query_elapsed.as_millis() as u64,
+                diff_ms = diff_elapsed.as_millis() as u64,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "Computed changes."
             );
