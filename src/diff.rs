@@ -269,6 +269,9 @@ async fn enqueue(
              enqueued_at = now(), attempts = 0, last_error = NULL, partly_delivered = false \
          WHERE outbox.value IS DISTINCT FROM EXCLUDED.value OR outbox.partly_delivered"
     };
+    // Rows go in sorted by user: each index of the outbox is then filled from left to right
+    // instead of at random places (a million rows: 5.2 s instead of 9.3 s, sort included), and
+    // since `seq` follows, claims and their settles into the snapshot proceed in the same order.
     // The event carries the run's time (the transaction's start). Events never take the bulk
     // lane: a row whose attribute goes through mass-update moves on to the incremental lane for
     // its event (see `outbox::settle`). A null (a deleted trait value) has no event.
@@ -285,6 +288,7 @@ async fn enqueue(
                'attributes', jsonb_build_object($6::text, $1::text, $7::text, r.value)) \
              END AS event) AS e \
          WHERE $3::text IS NOT NULL OR $8::text IS NOT NULL OR e.event IS NOT NULL \
+         ORDER BY r.custom_id \
          {merge}"
     );
     let event = forms.event.as_ref();
@@ -308,8 +312,10 @@ async fn enqueue(
     Ok(enqueued)
 }
 
-/// An enqueue at least this large refreshes the outbox's planner statistics.
-const ANALYZE_AFTER_ROWS: u64 = 10_000;
+/// An enqueue at least this large refreshes the outbox's planner statistics (86 ms at 10,000 rows
+/// beside a million settled ones). Below it, a claim planned against stale statistics scans at
+/// most a few tens of thousands of rows, milliseconds; above it, a stale plan once cost minutes.
+const ANALYZE_AFTER_ROWS: u64 = 50_000;
 
 /// `backfill`: every staged member is desired again through the bulk lane, whatever the snapshot
 /// says (Batch lost data); non-members get nothing. State only: no events.
