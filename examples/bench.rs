@@ -96,22 +96,9 @@ async fn measure_size(
     users: u64,
 ) -> anyhow::Result<Column> {
     eprintln!("== {users} members ==");
-    let emulator = Emulator::start(
-        EmulatorConfig {
-            record_operations: false,
-            ..EmulatorConfig::default()
-        },
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .await?;
-    let config = write_config(work, database_url, &emulator, "0 */2 * * *")?;
-    let mut db = PgConnection::connect(database_url).await?;
-    let migrate = run_child(binary, &config, &["migrate"], work).await?;
-    anyhow::ensure!(migrate.success, "migrate failed: {}", migrate.stderr);
+    let (emulator, config, mut db) = prepare(binary, database_url, work, "0 */2 * * *").await?;
 
     let seeding = Instant::now();
-    db.execute("CREATE TABLE bench_members (user_id text NOT NULL)")
-        .await?;
     add_members(&mut db, "user-", users).await?;
     eprintln!("Seeded in {:.1} s.", seeding.elapsed().as_secs_f64());
 
@@ -222,6 +209,31 @@ async fn bare_diff_sql(db: &mut PgConnection) -> anyhow::Result<Duration> {
     }
     db.execute("DROP TABLE bare_staging").await?;
     Ok(best)
+}
+
+/// A Batch-compatible server with Batch's limits, a config for it and the database, the migrated
+/// schema, and an empty `bench_members` table the audience reads.
+async fn prepare(
+    binary: &Path,
+    database_url: &str,
+    work: &Path,
+    schedule: &str,
+) -> anyhow::Result<(Emulator, PathBuf, PgConnection)> {
+    let emulator = Emulator::start(
+        EmulatorConfig {
+            record_operations: false,
+            ..EmulatorConfig::default()
+        },
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await?;
+    let config = write_config(work, database_url, &emulator, schedule)?;
+    let migrate = run_child(binary, &config, &["migrate"], work).await?;
+    anyhow::ensure!(migrate.success, "migrate failed: {}", migrate.stderr);
+    let mut db = PgConnection::connect(database_url).await?;
+    db.execute("CREATE TABLE bench_members (user_id text NOT NULL)")
+        .await?;
+    Ok((emulator, config, db))
 }
 
 fn write_config(
@@ -344,18 +356,9 @@ async fn run_child(
 /// share of one core.
 async fn idle_cpu(binary: &Path, database_url: &str, work: &Path) -> anyhow::Result<f64> {
     eprintln!("== idle daemon, {} s ==", IDLE_WATCH.as_secs());
-    let emulator = Emulator::start(
-        EmulatorConfig::default(),
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .await?;
     // Once a year: the daemon only waits.
-    let config = write_config(work, database_url, &emulator, "0 0 1 1 *")?;
-    let migrate = run_child(binary, &config, &["migrate"], work).await?;
-    anyhow::ensure!(migrate.success, "migrate failed: {}", migrate.stderr);
-    sqlx::query("CREATE TABLE bench_members (user_id text NOT NULL)")
-        .execute(&mut PgConnection::connect(database_url).await?)
-        .await?;
+    let (_emulator, config, db) = prepare(binary, database_url, work, "0 0 1 1 *").await?;
+    db.close().await?;
     let mut child = Command::new(binary)
         .arg("--config")
         .arg(&config)
@@ -403,24 +406,19 @@ fn print_table(columns: &[Column], idle_share: f64) {
         println!("| {name} | {} | {target} |", cells.join(" | "));
     };
     let each = |f: &dyn Fn(&Column) -> String| columns.iter().map(f).collect::<Vec<_>>();
+    let seconds_row = |name: &str, field: fn(&Column) -> f64| {
+        row(name, each(&|c| seconds(field(c))), "");
+    };
     row("1% churn (changes sent)", each(&|c| thousands(c.churn)), "");
-    row("diff step", each(&|c| seconds(c.diff_seconds)), "");
-    row(
-        "bare FULL OUTER JOIN, same tables",
-        each(&|c| seconds(c.bare_sql_seconds)),
-        "",
-    );
+    seconds_row("diff step", |c| c.diff_seconds);
+    seconds_row("bare FULL OUTER JOIN, same tables", |c| c.bare_sql_seconds);
     row(
         "diff / bare SQL",
         each(&|c| format!("**{:.2}×**", c.diff_seconds / c.bare_sql_seconds)),
         "≤ 1.5× at 1M and 10M",
     );
-    row(
-        "incremental: query into staging",
-        each(&|c| seconds(c.query_seconds)),
-        "",
-    );
-    row("incremental: diff", each(&|c| seconds(c.diff_seconds)), "");
+    seconds_row("incremental: query into staging", |c| c.query_seconds);
+    seconds_row("incremental: diff", |c| c.diff_seconds);
     row(
         "incremental: delivery",
         each(&|c| {
@@ -432,16 +430,12 @@ fn print_table(columns: &[Column], idle_share: f64) {
         }),
         "",
     );
-    row(
-        "incremental: outbox sweep after delivery",
-        each(&|c| seconds(c.sweep_seconds)),
-        "",
-    );
-    row(
-        "incremental: end to end (process)",
-        each(&|c| seconds(c.incremental_seconds)),
-        "",
-    );
+    seconds_row("incremental: outbox sweep after delivery", |c| {
+        c.sweep_seconds
+    });
+    seconds_row("incremental: end to end (process)", |c| {
+        c.incremental_seconds
+    });
     row(
         "incremental delivery throughput",
         each(&|c| {
@@ -456,26 +450,14 @@ fn print_table(columns: &[Column], idle_share: f64) {
         }),
         "≥ 90% of the ceiling",
     );
-    row(
-        "initial sync: end to end (process)",
-        each(&|c| seconds(c.initial_seconds)),
-        "",
-    );
-    row(
-        "initial sync: query + diff into the outbox",
-        each(&|c| seconds(c.initial_diff_seconds)),
-        "",
-    );
-    row(
-        "initial sync: delivery",
-        each(&|c| seconds(c.initial_delivery_seconds)),
-        "",
-    );
-    row(
-        "initial sync: outbox sweep after delivery",
-        each(&|c| seconds(c.initial_sweep_seconds)),
-        "",
-    );
+    seconds_row("initial sync: end to end (process)", |c| c.initial_seconds);
+    seconds_row("initial sync: query + diff into the outbox", |c| {
+        c.initial_diff_seconds
+    });
+    seconds_row("initial sync: delivery", |c| c.initial_delivery_seconds);
+    seconds_row("initial sync: outbox sweep after delivery", |c| {
+        c.initial_sweep_seconds
+    });
     row(
         "initial sync: delivery throughput",
         each(&|c| {

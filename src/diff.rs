@@ -5,8 +5,8 @@
 use sqlx::{Executor, PgConnection};
 
 use crate::config::Definition;
-use crate::domain::DefinitionKind;
 use crate::outbox::Lane;
+use crate::source::StageReport;
 
 /// What one definition's diff put in the outbox.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -73,11 +73,12 @@ impl Forms {
     }
 }
 
-/// Diffs the `staging` temp table (see [`crate::source::stage`]) against the definition's
-/// snapshot and reconciles the outbox. Runs in the caller's transaction.
+/// Diffs the `staging` temp table (see [`crate::source::stage`], whose report is `stage`) against
+/// the definition's snapshot and reconciles the outbox. Runs in the caller's transaction.
 pub async fn diff_into_outbox(
     conn: &mut PgConnection,
     definition: &Definition,
+    stage: &StageReport,
     forms: &Forms,
     bulk_threshold: u64,
 ) -> Result<DiffReport, sqlx::Error> {
@@ -136,9 +137,9 @@ pub async fn diff_into_outbox(
     .bind(key)
     .execute(&mut *conn)
     .await?;
-    // Values Batch would refuse are recorded as refused, with the reason, and never sent. Only a
-    // trait's value can be refused: an audience's is always `true`, so its staging is not scanned.
-    if definition.kind == DefinitionKind::ComputedTrait {
+    // Values Batch would refuse are recorded as refused, with the reason, and never sent. Staging
+    // counted them already, so a clean staging (every audience's) is not scanned again.
+    if stage.invalid_values > 0 {
         sqlx::query(
             "INSERT INTO rejections (definition_key, custom_id, attribute, value, reason) \
              SELECT $1, custom_id, $2, coalesce(value, 'null'::jsonb), problem \

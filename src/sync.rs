@@ -351,6 +351,7 @@ pub(crate) async fn diff_definition(
                 diff::diff_into_outbox(
                     &mut tx,
                     definition,
+                    &stage,
                     &forms,
                     app.config.delivery.bulk_threshold,
                 )
@@ -500,6 +501,7 @@ async fn dry_run_definition(
         let diff = diff::diff_into_outbox(
             &mut tx,
             definition,
+            &stage,
             &forms,
             app.config.delivery.bulk_threshold,
         )
