@@ -124,6 +124,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate => {
             let config = Config::load(&cli.config)?;
+            if db::create_database_if_missing(&config.database.url).await? {
+                println!("Created {}.", db::describe_url(&config.database.url));
+            }
             let pool = db::connect(&config.database, "state").await?;
             db::migrate(&pool).await?;
             println!(

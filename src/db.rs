@@ -44,6 +44,26 @@ pub async fn connect(settings: &DatabaseSettings, role: &str) -> anyhow::Result<
         })
 }
 
+/// `migrate` on a server without the state database creates it, as a new installation expects.
+/// Returns whether it did. When the server cannot even be asked (down, no right to the maintenance
+/// database), nothing is done here and the connection that follows reports the problem.
+pub async fn create_database_if_missing(url: &str) -> anyhow::Result<bool> {
+    use sqlx::migrate::MigrateDatabase;
+    match sqlx::Postgres::database_exists(url).await {
+        Ok(false) => {
+            sqlx::Postgres::create_database(url)
+                .await
+                .with_context(|| format!("cannot create the database {}", describe_url(url)))?;
+            Ok(true)
+        }
+        Ok(true) => Ok(false),
+        Err(error) => {
+            tracing::debug!(%error, "Could not check whether the state database exists.");
+            Ok(false)
+        }
+    }
+}
+
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR
         .run(pool)

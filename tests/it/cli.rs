@@ -145,6 +145,36 @@ async fn migrate_sync_status_on_a_fresh_database() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_creates_a_missing_state_database() {
+    let env = TestEnv::new().await;
+    let missing = format!("{}_new", env.database_url);
+    let name = missing.rsplit('/').next().unwrap().to_owned();
+    let dir = config_file(&env, "");
+    std::fs::write(
+        &*dir,
+        env.config_text("").replace(&env.database_url, &missing),
+    )
+    .unwrap();
+
+    let output = run(engage_sync(&dir, &["migrate"])).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    assert!(
+        stdout.starts_with("Created ") && stdout.contains(&format!("/{name}.")),
+        "{stdout}"
+    );
+    let output = run(engage_sync(&dir, &["migrate"])).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(!text(&output.stdout).contains("Created"), "only once");
+    assert!(text(&output.stdout).contains("Migrations applied"));
+
+    sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_errors_name_the_definition_in_one_line() {
     let env = TestEnv::new().await;
     let config = config_file(
