@@ -671,7 +671,9 @@ impl Deliverer {
                         let wait = retry_after.unwrap_or_else(|| backoff.delay(attempt));
                         attempt = attempt.saturating_add(1);
                         debug!(%reason, attempt, wait_ms = wait.as_millis() as u64, "Retrying a call to Batch.");
-                        if attempt % 10 == 0 {
+                        // A failure that is not Batch's pacing (a wrong api_url, Batch down) is
+                        // told at once, not after the ten attempts a minute or more of backoff takes.
+                        if (attempt == 1 && !rate_limited) || attempt % 10 == 0 {
                             warn!(%reason, attempt, "Batch keeps failing; still retrying.");
                         }
                         *self.last_error.lock().expect("not poisoned") = Some(reason.clone());
